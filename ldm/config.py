@@ -1,0 +1,240 @@
+"""Configs: frozen dataclasses, one per network plus the diffusion process.
+
+Field names follow the original SD YAML (`v1-inference.yaml`, `ddconfig`) where one exists, so
+original configs map 1:1. Loading is strict: an unknown key is an error, never ignored.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """KL autoencoder (CompVis `ddconfig`). Downsampling factor f = 2 ** (len(ch_mult) - 1)."""
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 4            # latent channels
+    embed_dim: int = 4             # channels after quant_conv (= z_channels in SD)
+    attn_resolutions: tuple[int, ...] = ()  # only the mid-block has attention in SD
+    norm_groups: int = 32          # not in SD YAML; lets tests use tiny widths
+    scale_factor: float = 0.18215  # z_unit = scale_factor * z; SD1/2 value
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Cross-attention UNet (CompVis `openaimodel.UNetModel`)."""
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling factors with a SpatialTransformer
+    num_heads: int = 8                 # SD1; SD2 sets -1 and num_head_channels=64
+    num_head_channels: int = -1
+    transformer_depth: int = 1
+    context_dim: int = 768             # 1024 for SD2 (OpenCLIP ViT-H)
+    use_linear_in_transformer: bool = False  # SD2: proj_in/proj_out are Linear, not 1x1 Conv
+    num_classes: int | None = None     # class-conditional: label_emb added to the time embedding
+    use_scale_shift_norm: bool = False # AdaGN h = norm(h)·(1+scale)+shift (Dhariwal & Nichol); SD adds
+    norm_groups: int = 32
+    use_checkpoint: bool = False       # gradient checkpointing in training
+
+    def heads_at(self, channels: int) -> tuple[int, int]:
+        """(num_heads, head_dim) of a transformer with `channels` channels."""
+        if self.num_head_channels > 0:
+            return channels // self.num_head_channels, self.num_head_channels
+        return self.num_heads, channels // self.num_heads
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """Text encoder τθ. kind: "clip" (transformers CLIPTextModel, SD1 and diffusers-SD2),
+    "openclip" (open_clip text tower, original SD2 files), "t5" (transformers T5EncoderModel)."""
+    kind: str = "clip"
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_length: int = 77
+    hidden_act: str = "quick_gelu"   # CLIP ViT-L/14: quick_gelu; OpenCLIP ViT-H: gelu
+    layer: str = "last"              # "last" | "penultimate" (SD2 takes the penultimate layer)
+    pad_with: str = "eos"            # "eos" (id 49407, SD1 / transformers) | "zero" (SD2 / open_clip)
+    projection_dim: int = 768        # CLIP text_projection width (unused by SD, kept for round trips)
+    d_kv: int = 64                   # t5 only: per-head width
+    trainable: bool = False          # trained jointly with the UNet (LDM's τθ)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Discrete-time diffusion process. Names as in diffusers' scheduler configs."""
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"  # CompVis "linear" is this; also "linear", "squaredcos_cap_v2"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    prediction_type: str = "epsilon"      # "epsilon" | "v_prediction" | "sample"
+    timestep_spacing: str = "leading"     # "leading" (SD, + steps_offset) | "trailing" | "linspace"
+    steps_offset: int = 1
+
+
+@dataclass(frozen=True)
+class LDMConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    sample_size: int = 512        # default output height/width in pixels
+    default_steps: int = 50
+    default_guidance_scale: float = 7.5
+    default_sampler: str = "ddim"
+
+    @property
+    def latent_size(self) -> int:
+        return self.sample_size // self.autoencoder.downsample_factor
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LDMConfig":
+        return from_dict(cls, d)
+
+    @classmethod
+    def from_json(cls, s: str) -> "LDMConfig":
+        return cls.from_dict(json.loads(s))
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict (de)serialisation
+
+
+def _coerce(tp, value, where: str):
+    """Convert a JSON/YAML value to the annotated field type, or raise TypeError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise TypeError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, where) for v in value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise TypeError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls, d: dict, where: str = ""):
+    """Build dataclass `cls` from a dict; unknown keys raise ValueError naming them."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(where + k for k in unknown)} "
+                         f"for {cls.__name__}; valid keys: {', '.join(sorted(names))}")
+    return cls(**{k: _coerce(hints[k], v, f"{where}{k}") for k, v in d.items()})
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    """Apply `a.b.c=value` strings (value parsed with ast.literal_eval, else kept as a string)."""
+    for item in overrides:
+        key, sep, raw = item.lstrip("-").partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like key.sub=value")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        cfg = _set_path(cfg, key.split("."), value, key)
+    return cfg
+
+
+def _set_path(obj, path: list[str], value, full: str):
+    hints = typing.get_type_hints(type(obj))
+    if path[0] not in hints:
+        raise ValueError(f"unknown config key {full!r}; valid here: {', '.join(sorted(hints))}")
+    if len(path) == 1:
+        return replace(obj, **{path[0]: _coerce(hints[path[0]], value, full)})
+    return replace(obj, **{path[0]: _set_path(getattr(obj, path[0]), path[1:], value, full)})
+
+
+def load_yaml(cls, path: str | Path):
+    import yaml
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    return from_dict(cls, data)
+
+
+def save_yaml(cfg, path: str | Path) -> None:
+    import yaml
+
+    def plain(o):
+        if isinstance(o, dict):
+            return {k: plain(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [plain(v) for v in o]
+        return o
+    Path(path).write_text(yaml.safe_dump(plain(dataclasses.asdict(cfg)), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+
+
+def sd15() -> LDMConfig:
+    """Stable Diffusion 1.x (CLIP ViT-L/14 text encoder, ε-prediction, 512 px)."""
+    return LDMConfig()
+
+
+def sd21(v_prediction: bool = True) -> LDMConfig:
+    """Stable Diffusion 2.x (OpenCLIP ViT-H text encoder, 64-dim heads, linear proj).
+    2.1 at 768 px predicts v; 2.1-base at 512 px predicts ε."""
+    return LDMConfig(
+        unet=UNetConfig(num_heads=-1, num_head_channels=64, context_dim=1024,
+                        use_linear_in_transformer=True),
+        text_encoder=TextEncoderConfig(kind="openclip", hidden_size=1024, num_layers=24,
+                                       num_heads=16, intermediate_size=4096, hidden_act="gelu",
+                                       layer="penultimate", pad_with="zero", projection_dim=1024),
+        schedule=ScheduleConfig(prediction_type="v_prediction" if v_prediction else "epsilon"),
+        sample_size=768 if v_prediction else 512,
+    )
+
+
+def tiny(context_dim: int = 32) -> LDMConfig:
+    """A tiny random-weight model for tests: 64 px images, 16 px latents."""
+    return LDMConfig(
+        unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                        attention_resolutions=(2,), num_heads=2, context_dim=context_dim),
+        autoencoder=AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
+        text_encoder=TextEncoderConfig(hidden_size=context_dim, num_layers=2, num_heads=2,
+                                       intermediate_size=37, projection_dim=context_dim),
+        sample_size=32,
+        default_steps=4,
+    )
+
+
+PRESETS = {"sd15": sd15, "sd21": sd21, "sd21-base": lambda: sd21(v_prediction=False), "tiny": tiny}

@@ -1,0 +1,209 @@
+"""Text-to-image as one straight line: prompt -> context -> guided sampling of latents -> decoder
+-> images. Loading and saving (`from_pretrained`, `save_pretrained`) go through checkpoint.py."""
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import init_empty_weights
+from PIL import Image
+
+from . import checkpoint
+from .config import LDMConfig
+from .diffusion import LatentDiffusion
+from .guidance import classifier_free
+from .samplers import SAMPLERS, sample
+
+OUTPUT_TYPES = ("pil", "np", "latent")
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "ldm-default.safetensors"
+
+
+def default_model_path() -> Path:
+    """The small model this project trains and ships in weights/ (see README)."""
+    if not DEFAULT_MODEL.is_file():
+        raise FileNotFoundError(f"the default model {DEFAULT_MODEL} is missing; pass a model path "
+                                f"or reinstall from a checkout that has weights/")
+    return DEFAULT_MODEL
+
+
+def to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """x (B, 3, H, W) in [-1, 1] -> PIL images."""
+    return [Image.fromarray(a) for a in to_uint8(x)]
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    x = ((x.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)   # (B, H, W, 3)
+    return (x * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def _as_list(prompt, what: str) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"{what} must be a string or a list of strings, got {type(prompt).__name__}")
+    if not prompts:
+        raise ValueError(f"{what} is an empty list: give at least one prompt")
+    return list(prompts)
+
+
+class Pipeline:
+    def __init__(self, model: LatentDiffusion, device="cpu", dtype: torch.dtype = torch.float32,
+                 source: str | None = None):
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.device, self.dtype, self.source = torch.device(device), dtype, source
+
+    # -- the parts, under the names users know ----------------------------------------------------
+    @property
+    def config(self) -> LDMConfig:
+        return self.model.config
+
+    @property
+    def unet(self):
+        return self.model.unet
+
+    @property
+    def vae(self):
+        return self.model.first_stage_model
+
+    @property
+    def text_encoder(self):
+        return self.model.cond_stage_model
+
+    # -- loading and saving -----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, device="cpu", dtype=torch.float32, *,
+                        config: LDMConfig | None = None, prediction_type: str | None = None,
+                        use_ema: bool = False, allow_pickle: bool = False) -> "Pipeline":
+        """Load our .safetensors, an original SD .safetensors, or a diffusers folder; no path: the
+        default model. `config` overrides what a file says or implies; `prediction_type` too
+        ("v_prediction" for SD2.x-768, which tensor shapes can't tell)."""
+        path = Path(path) if path is not None else default_model_path()
+        cfg, sd = checkpoint.load(path, config, prediction_type=prediction_type, use_ema=use_ema,
+                                  allow_pickle=allow_pickle)
+        with init_empty_weights(include_buffers=False):  # no random init; buffers stay real
+            model = LatentDiffusion(cfg)
+        checkpoint.load_into(model, sd, str(path))
+        return cls(model, device, dtype, source=str(path))
+
+    def save_pretrained(self, path: str | Path, format: str = "ldm", dtype: torch.dtype | None = None):
+        """Write as "ldm" (one self-describing .safetensors), "original" or "diffusers"."""
+        checkpoint.save(self.model.state_dict(), self.config, path, format, dtype)
+
+    def to(self, device=None, dtype=None) -> "Pipeline":
+        self.device = torch.device(device) if device is not None else self.device
+        self.dtype = dtype or self.dtype
+        self.model.to(device=self.device, dtype=self.dtype)
+        return self
+
+    # -- the stages -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """list of B prompts -> context (B, L, D); "" is the null condition."""
+        tokens = self.text_encoder.tokenize(_as_list(prompts, "prompts")).to(self.device)  # (B, L)
+        return self.text_encoder(tokens).to(self.dtype)                                   # (B, L, D)
+
+    @torch.no_grad()
+    def encode_image(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                     sample: bool = True) -> torch.Tensor:
+        """x (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f)."""
+        return self.model.encode_first_stage(x.to(self.device, self.dtype), generator, sample)
+
+    @torch.no_grad()
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> x (B, 3, H, W) in [-1, 1] (float32)."""
+        return self.model.decode_first_stage(z.to(self.device, self.dtype)).float().clamp(-1, 1)
+
+    def _model_fn(self, context, uncond_context, guidance_scale):
+        unet, dtype = self.unet, self.dtype
+        guided = classifier_free(lambda x, t, c: unet(x.to(dtype), t, c).float(),
+                                 context, uncond_context, guidance_scale)
+        return guided
+
+    # -- text to image ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+                 steps: int | None = None, guidance_scale: float | None = None,
+                 height: int | None = None, width: int | None = None, seed: int | None = None,
+                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                 sampler: str | None = None, eta: float = 0.0, karras: bool = False,
+                 num_images_per_prompt: int = 1, output_type: str = "pil", callback=None):
+        """Images for `prompt`: a list of PIL images, a float array (N, H, W, 3) in [0, 1] ("np"),
+        or latents ("latent"). Defaults come from the model's config."""
+        cfg = self.config
+        steps = cfg.default_steps if steps is None else steps
+        guidance_scale = cfg.default_guidance_scale if guidance_scale is None else guidance_scale
+        sampler = sampler or cfg.default_sampler
+        height, width = height or cfg.sample_size, width or cfg.sample_size
+        prompts = _as_list(prompt, "prompt")
+        negatives = self._check(prompts, negative_prompt, steps, guidance_scale, height, width,
+                                sampler, output_type, num_images_per_prompt, seed)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+        f = cfg.autoencoder.downsample_factor
+        shape = (len(prompts), cfg.unet.in_channels, height // f, width // f)
+        if generator is None:
+            seed = random.randrange(2 ** 32) if seed is None else seed
+            generator = torch.Generator("cpu").manual_seed(seed)
+        if latents is None:  # diffusers' convention: drawn on the CPU generator, then moved
+            latents = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} for {len(prompts)} image(s) of "
+                             f"{height}×{width}, got {tuple(latents.shape)}")
+        latents = latents.to(self.device, torch.float32)
+
+        context = self.encode_prompt(prompts)                                   # (N, L, D)
+        uncond_context = None
+        if guidance_scale != 1:
+            unique = list(dict.fromkeys(negatives))                            # the null prompt once
+            enc = self.encode_prompt(unique)                                    # (U, L, D)
+            uncond_context = enc[[unique.index(n) for n in negatives]]          # (N, L, D)
+        model_fn = self._model_fn(context, uncond_context if uncond_context is not None else context,
+                                  guidance_scale)
+        z0 = sample(sampler, model_fn, latents, cfg.schedule, steps, eta=eta, karras=karras,
+                    generator=generator, callback=callback)                    # (N, C, h, w)
+        if output_type == "latent":
+            return z0
+        x = self.decode_latents(z0)                                             # (N, 3, H, W)
+        if output_type == "np":
+            return ((x + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+        images = to_pil(x)
+        params = dict(steps=steps, guidance_scale=guidance_scale,
+                      sampler=sampler + ("_karras" if karras else ""), seed=seed, height=height,
+                      width=width)
+        for i, (img, p, n) in enumerate(zip(images, prompts, negatives)):
+            img.info.update(params, prompt=p, negative_prompt=n, batch_index=i)
+        return images
+
+    def _check(self, prompts, negative_prompt, steps, guidance_scale, height, width, sampler,
+               output_type, num_images_per_prompt, seed) -> list[str]:
+        """Validate the arguments of __call__ before any work; returns the negative prompts."""
+        negatives = [""] * len(prompts) if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
+        if len(negatives) == 1 and len(prompts) > 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts: give one "
+                             f"negative prompt, or one per prompt")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer ≥ 1, got {steps!r}")
+        if steps > self.config.schedule.num_train_timesteps:
+            raise ValueError(f"steps must be ≤ {self.config.schedule.num_train_timesteps} (the "
+                             f"training timesteps), got {steps}")
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number ≥ 0 (1 = no guidance), got {guidance_scale!r}")
+        f = self.config.autoencoder.downsample_factor
+        for name, v in (("height", height), ("width", width)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < f or v % f:
+                lo, hi = max(f, (v // f) * f) if isinstance(v, int) else f, ((v // f) + 1) * f if isinstance(v, int) else f
+                raise ValueError(f"{name} must be a positive multiple of {f}, got {v!r}; the nearest "
+                                 f"valid sizes are {lo} and {hi}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer ≥ 1, got {num_images_per_prompt!r}")
+        if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2 ** 64):
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        return negatives

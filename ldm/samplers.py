@@ -1,0 +1,198 @@
+"""Samplers: pure functions of (model_fn, x, schedule tensors) -> x0; no state, no set_timesteps.
+
+`model_fn(x_t, t) -> model_output` (ε, v or x0 per `prediction_type`), t a (B,) tensor. Each sampler
+reproduces one diffusers scheduler step for step, random draws included, so seeded results agree
+with diffusers' pipelines. `sample()` is the one driver the pipeline calls. Names follow ComfyUI.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .config import ScheduleConfig
+from .schedule import (alphas_cumprod, check_prediction_type, dpm_solver_schedule, eps_and_x0_at,
+                       euler_schedule, sampling_timesteps)
+
+SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral", "dpmpp_2m")
+DDPM_VARIANCES = ("fixed_small", "fixed_large")
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """N(0, I) shaped like x, drawn on the generator's device as diffusers' `randn_tensor` does."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def _t_batch(t, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.full((x.shape[0],), t, dtype=dtype, device=x.device)  # (B,)
+
+
+def _after_step(x, i: int, t, pred_x0, callback) -> None:
+    """NaN/Inf guard (one reduction per step), then the progress callback."""
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(
+            f"latents became NaN/Inf at step {i} (t={t}); run the model in float32 "
+            "or use a lower guidance_scale")
+    if callback is not None:
+        callback(dict(i=i, t=t, x=x, pred_x0=pred_x0))
+
+
+def ddpm(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, *,
+         prediction_type: str = "epsilon", variance: str = "fixed_small",
+         generator: torch.Generator | None = None, callback=None) -> torch.Tensor:
+    """Ancestral sampling (Ho et al. 2020, Alg. 2) over descending `timesteps`, as DDPMScheduler.
+    pred_x0 is never clipped (latent diffusion). variance: "fixed_small" (β̃_t) | "fixed_large" (β_t)."""
+    if variance not in DDPM_VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(DDPM_VARIANCES)}")
+    ts = timesteps.tolist()
+    for i, t in enumerate(ts):
+        prev = ts[i + 1] if i + 1 < len(ts) else -1
+        alpha_bar, alpha_bar_prev = float(alphas_cumprod[t]), (float(alphas_cumprod[prev]) if prev >= 0 else 1.0)
+        alpha = alpha_bar / alpha_bar_prev   # α_t of the strided chain
+        beta = 1 - alpha
+        out = model_fn(x, _t_batch(t, x, torch.long))
+        _, pred_x0 = eps_and_x0_at(out, x, alpha_bar, prediction_type)
+        # DDPM eq. (7): posterior mean μ̃_t(x_t, x0)
+        x_new = (math.sqrt(alpha_bar_prev) * beta / (1 - alpha_bar)) * pred_x0 \
+            + (math.sqrt(alpha) * (1 - alpha_bar_prev) / (1 - alpha_bar)) * x
+        if t > 0:  # diffusers-compat: noise whenever t > 0, also on the last step when steps_offset=1
+            var = beta if variance == "fixed_large" else max((1 - alpha_bar_prev) / (1 - alpha_bar) * beta, 1e-20)
+            x_new = x_new + math.sqrt(var) * _randn_like(out, generator)   # DDPM eq. (7): β̃_t
+        x = x_new
+        _after_step(x, i, t, pred_x0, callback)
+    return x
+
+
+def ddim(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, *,
+         prediction_type: str = "epsilon", eta: float = 0.0, generator: torch.Generator | None = None,
+         callback=None) -> torch.Tensor:
+    """DDIM (Song et al. 2021): eta=0 deterministic, eta=1 ancestral. alpha_t / alpha_prev are ᾱ
+    (CompVis's a_t / a_prev); the final alpha_prev is ᾱ_0 (SD: set_alpha_to_one=False)."""
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    T, S = len(alphas_cumprod), len(timesteps)
+    for i, t in enumerate(timesteps.tolist()):
+        prev = t - T // S   # diffusers-compat: the next timestep for "leading" spacing
+        alpha_t = float(alphas_cumprod[t])
+        alpha_prev = float(alphas_cumprod[prev]) if prev >= 0 else float(alphas_cumprod[0])
+        out = model_fn(x, _t_batch(t, x, torch.long))
+        eps, pred_x0 = eps_and_x0_at(out, x, alpha_t, prediction_type)
+        # DDIM eq. (16): σ_t(η)
+        sigma = eta * math.sqrt((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev))
+        dir_xt = math.sqrt(1 - alpha_prev - sigma ** 2) * eps   # DDIM eq. (12): direction pointing to x_t
+        x = math.sqrt(alpha_prev) * pred_x0 + dir_xt            # DDIM eq. (12)
+        if eta > 0:
+            x = x + sigma * _randn_like(out, generator)         # DDIM eq. (12): random noise
+        _after_step(x, i, t, pred_x0, callback)
+    return x
+
+
+def _euler_step_input(model_fn, x, sigma: float, t, prediction_type):
+    """Evaluate the VP model at x / √(σ²+1) (diffusers' scale_model_input); return pred_x0 in float32."""
+    scale = math.sqrt(sigma ** 2 + 1)
+    out = model_fn(x / scale, _t_batch(t, x, torch.float32))
+    _, pred_x0 = eps_and_x0_at(out, x.float() / scale, 1 / scale ** 2, prediction_type)  # ᾱ = 1/(1+σ²)
+    return out, pred_x0
+
+
+def euler(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor, *,
+          prediction_type: str = "epsilon", callback=None) -> torch.Tensor:
+    """Euler on the probability-flow ODE in σ (Karras et al. 2022, Alg. 2 with S_churn=0), as
+    EulerDiscreteScheduler; x = x0 + σ ε starts at noise · init σ, sigmas (S+1,) end in 0."""
+    for i, t in enumerate(timesteps.tolist()):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        out, pred_x0 = _euler_step_input(model_fn, x, sigma, t, prediction_type)
+        d = (x.float() - pred_x0) / sigma                       # Karras eq. (3): dx/dσ = (x − D(x; σ)) / σ
+        x = (x.float() + d * (sigma_next - sigma)).to(out.dtype)
+        _after_step(x, i, t, pred_x0, callback)
+    return x
+
+
+def euler_ancestral(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor, *,
+                    prediction_type: str = "epsilon", generator: torch.Generator | None = None,
+                    callback=None) -> torch.Tensor:
+    """Euler step down to σ_down, then fresh noise of std σ_up (k-diffusion `sample_euler_ancestral`,
+    η = 1), as EulerAncestralDiscreteScheduler."""
+    for i, t in enumerate(timesteps.tolist()):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        out, pred_x0 = _euler_step_input(model_fn, x, sigma, t, prediction_type)
+        sigma_up = math.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2)
+        sigma_down = sigma_next ** 2 / sigma                    # = √(σ_next² − σ_up²)
+        d = (x.float() - pred_x0) / sigma                       # Karras eq. (3)
+        x = x.float() + d * (sigma_down - sigma)
+        x = (x + _randn_like(out, generator) * sigma_up).to(out.dtype)  # drawn on every step, as diffusers
+        _after_step(x, i, t, pred_x0, callback)
+    return x
+
+
+def _vp(sigma: float):
+    """(α, σ_vp, λ) of a VE level σ: α = 1/√(σ²+1), σ_vp = σ α, λ = log(α/σ_vp)."""
+    alpha = 1 / math.sqrt(sigma ** 2 + 1)
+    return alpha, sigma * alpha, -math.log(sigma)
+
+
+def dpmpp_2m(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor, *,
+             prediction_type: str = "epsilon", callback=None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, midpoint) in VP space, as DPMSolverMultistepScheduler
+    (dpmsolver++, solver_order=2, final σ=0): first-order first and last steps."""
+    pred_x0_prev, h_prev, last = None, None, len(timesteps) - 1
+    for i, t in enumerate(timesteps.tolist()):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        alpha_s, sigma_s, lambda_s = _vp(sigma)
+        out = model_fn(x, _t_batch(t, x, torch.long))
+        _, pred_x0 = eps_and_x0_at(out, x.float(), alpha_s ** 2, prediction_type)
+        if sigma_next == 0:
+            x_new, h = pred_x0, None   # limit σ_t → 0 of the first-order update: x_t = x0
+        else:
+            alpha_t, sigma_t, lambda_t = _vp(sigma_next)
+            h = lambda_t - lambda_s
+            phi = math.expm1(-h)                                 # e^{−h} − 1
+            # DPM-Solver++ eq. (5), first order (= DDIM): x_t = (σ_t/σ_s) x − α_t (e^{−h} − 1) x0
+            x_new = (sigma_t / sigma_s) * x.float() - (alpha_t * phi) * pred_x0
+            if pred_x0_prev is not None and i < last:
+                # DPM-Solver++(2M) midpoint: D1 = (m0 − m1) / r, r = h_prev / h
+                d1 = (1.0 / (h_prev / h)) * (pred_x0 - pred_x0_prev)
+                x_new = x_new - 0.5 * (alpha_t * phi) * d1
+        x = x_new.to(out.dtype)
+        pred_x0_prev, h_prev = pred_x0, h
+        _after_step(x, i, t, pred_x0, callback)
+    return x
+
+
+def _euler_init_sigma(sigmas: torch.Tensor, cfg: ScheduleConfig) -> float:
+    """diffusers' init_noise_sigma: σ_max, or √(σ_max²+1) for "leading" spacing."""
+    sigma_max = sigmas.max().item()
+    return sigma_max if cfg.timestep_spacing in ("linspace", "trailing") else math.sqrt(sigma_max ** 2 + 1)
+
+
+def sample(name: str, model_fn: ModelFn, noise: torch.Tensor, schedule: ScheduleConfig, num_steps: int, *,
+           eta: float = 0.0, karras: bool = False, generator: torch.Generator | None = None,
+           callback=None) -> torch.Tensor:
+    """Run sampler `name` from unit-variance `noise` (B, C, h, w) for num_steps; returns x0 (B, C, h, w).
+    The callback gets dict(i, t, x, pred_x0) after each step, x being the updated latents."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    if eta != 0 and name != "ddim":
+        raise ValueError(f"eta only applies to the ddim sampler; got eta={eta} with {name!r}")
+    if karras and name in ("ddpm", "ddim"):
+        raise ValueError(f"karras=True applies to euler, euler_ancestral and dpmpp_2m, not {name!r}")
+    pt = schedule.prediction_type
+    check_prediction_type(pt)
+    if name in ("ddpm", "ddim"):
+        ac, ts = alphas_cumprod(schedule), sampling_timesteps(num_steps, schedule)
+        if name == "ddpm":
+            return ddpm(model_fn, noise, ac, ts, prediction_type=pt, generator=generator, callback=callback)
+        return ddim(model_fn, noise, ac, ts, prediction_type=pt, eta=eta, generator=generator,
+                    callback=callback)
+    if name == "dpmpp_2m":
+        ts, sigmas = dpm_solver_schedule(num_steps, schedule, karras=karras)
+        return dpmpp_2m(model_fn, noise, sigmas, ts, prediction_type=pt, callback=callback)  # VP: x_T = noise
+    ts, sigmas = euler_schedule(num_steps, schedule, karras=karras)
+    x = noise * _euler_init_sigma(sigmas, schedule)   # (B, C, h, w), x = x0 + σ ε
+    if name == "euler":
+        return euler(model_fn, x, sigmas, ts, prediction_type=pt, callback=callback)
+    return euler_ancestral(model_fn, x, sigmas, ts, prediction_type=pt, generator=generator,
+                           callback=callback)

@@ -1,0 +1,180 @@
+"""ldm.schedule against diffusers' schedulers, CompVis' formula and closed forms."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                       EulerDiscreteScheduler)
+
+from ldm.config import ScheduleConfig
+from ldm.schedule import (alphas_cumprod, diffusion_loss, dpm_solver_schedule, eps_from_v, eps_from_x0,
+                          euler_schedule, karras_sigmas, make_beta_schedule, pred_x0_from_eps, q_sample,
+                          sampling_timesteps, sigma_to_t, sigmas_from_alphas_cumprod, t_to_sigma,
+                          to_eps_and_x0, v_target, x0_from_v)
+
+SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+          steps_offset=1)
+SCHEDULES = [("linear", 1e-4, 0.02, 2e-6), ("scaled_linear", 0.00085, 0.012, 2e-6),
+             # diffusers' float32 cumprod drifts to ~1.3e-5 where cosine ᾱ reaches 1e-9
+             ("squaredcos_cap_v2", 1e-4, 0.02, 5e-5)]
+STEPS = [1, 7, 20, 50, 333]
+
+
+@pytest.mark.parametrize("name,start,end,rtol", SCHEDULES)
+def test_alphas_cumprod_matches_diffusers(name, start, end, rtol):
+    ours = alphas_cumprod(ScheduleConfig(beta_schedule=name, beta_start=start, beta_end=end))
+    ref = DDPMScheduler(beta_schedule=name, beta_start=start, beta_end=end).alphas_cumprod
+    assert ours.dtype == torch.float64 and ours.shape == (1000,)
+    assert ((ours.float() - ref).abs() / ref).max() < rtol
+
+
+def test_scaled_linear_is_compvis_linear_in_float64():
+    # CompVis ldm.modules.diffusionmodules.util.make_beta_schedule("linear"), then np.cumprod
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    ref = np.cumprod(1.0 - betas.numpy(), axis=0)
+    assert torch.equal(alphas_cumprod(ScheduleConfig()).float(), torch.from_numpy(ref).float())
+
+
+def test_cosine_schedule_closed_form():
+    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    ac = alphas_cumprod(ScheduleConfig(beta_schedule="squaredcos_cap_v2"))
+    expected = torch.tensor([f((t + 1) / 1000) / f(0) for t in range(990)], dtype=torch.float64)
+    assert torch.allclose(ac[:990], expected, rtol=1e-12, atol=0)
+    assert make_beta_schedule("squaredcos_cap_v2", 1000).max().item() == pytest.approx(0.999)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("num_steps", STEPS)
+def test_sampling_timesteps_match_ddim_and_ddpm(spacing, num_steps):
+    cfg = ScheduleConfig(timestep_spacing=spacing)
+    ours = sampling_timesteps(num_steps, cfg)
+    for cls in (DDIMScheduler, DDPMScheduler):
+        sched = cls(**SD, timestep_spacing=spacing)
+        sched.set_timesteps(num_steps)
+        assert ours.dtype == torch.long and torch.equal(ours, sched.timesteps)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("num_steps", STEPS)
+@pytest.mark.parametrize("karras", [False, True])
+def test_euler_schedule_matches_diffusers(spacing, num_steps, karras):
+    cfg = ScheduleConfig(timestep_spacing=spacing)
+    ts, sigmas = euler_schedule(num_steps, cfg, karras=karras)
+    sched = EulerDiscreteScheduler(**SD, timestep_spacing=spacing, use_karras_sigmas=karras)
+    sched.set_timesteps(num_steps)
+    assert ts.dtype == torch.float32 and sigmas.shape == (num_steps + 1,) and sigmas[-1] == 0
+    assert torch.allclose(ts, sched.timesteps, rtol=0, atol=1e-3 if karras else 0)
+    assert torch.allclose(sigmas.float(), sched.sigmas, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("num_steps", STEPS)
+@pytest.mark.parametrize("karras", [False, True])
+def test_dpm_solver_schedule_matches_diffusers(spacing, num_steps, karras):
+    cfg = ScheduleConfig(timestep_spacing=spacing)
+    ts, sigmas = dpm_solver_schedule(num_steps, cfg, karras=karras)
+    sched = DPMSolverMultistepScheduler(**SD, timestep_spacing=spacing, use_karras_sigmas=karras)
+    sched.set_timesteps(num_steps)
+    assert ts.dtype == torch.long and torch.equal(ts, sched.timesteps)
+    assert torch.allclose(sigmas.float(), sched.sigmas, rtol=2e-6, atol=0)
+
+
+def test_trailing_never_yields_negative_timesteps():
+    # float arange gives 1000/61 spacing an extra ~0 point; diffusers keeps it as t = -1
+    cfg = ScheduleConfig(timestep_spacing="trailing")
+    ts = sampling_timesteps(61, cfg)
+    sched = DDIMScheduler(**SD, timestep_spacing="trailing")
+    sched.set_timesteps(61)
+    assert len(ts) == 61 and ts.min() >= 0 and torch.equal(ts, sched.timesteps[:61])
+
+
+def test_sigma_t_conversions():
+    ac = alphas_cumprod(ScheduleConfig())
+    sigmas = sigmas_from_alphas_cumprod(ac)
+    assert torch.allclose(sigmas, ((1 - ac) / ac).sqrt())
+    k = torch.tensor([0, 1, 250, 998, 999])
+    assert torch.allclose(sigma_to_t(sigmas[k], sigmas), k.double(), atol=1e-9)
+    t = torch.tensor([0.0, 3.25, 500.5, 998.9])
+    assert torch.allclose(sigma_to_t(t_to_sigma(t, sigmas), sigmas), t.double(), atol=1e-3)
+    query = karras_sigmas(0.03, 14.6, 9).numpy()  # diffusers' _sigma_to_t on the same grid
+    ref = EulerDiscreteScheduler(**SD)._sigma_to_t(query, np.log(sigmas.numpy()))
+    assert np.allclose(sigma_to_t(torch.from_numpy(query), sigmas).numpy(), ref, rtol=0, atol=1e-9)
+
+
+def test_karras_sigmas():
+    s = karras_sigmas(0.1, 10.0, 5, rho=7.0)
+    assert s[0].item() == pytest.approx(10.0) and s[-1].item() == pytest.approx(0.1)
+    assert (s[1:] < s[:-1]).all()
+    mid = (10.0 ** (1 / 7) + 0.5 * (0.1 ** (1 / 7) - 10.0 ** (1 / 7))) ** 7  # Karras eq. (5), i = 2
+    assert s[2].item() == pytest.approx(mid, rel=1e-12)
+
+
+def test_q_sample_statistics():
+    ac = alphas_cumprod(ScheduleConfig())
+    x0 = torch.full((200_000,), 0.7)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    x_t = q_sample(x0, torch.tensor(500), noise, ac)
+    a = ac[500].item()
+    assert x_t.mean().item() == pytest.approx(math.sqrt(a) * 0.7, abs=0.01)
+    assert x_t.std().item() == pytest.approx(math.sqrt(1 - a), rel=0.01)
+
+
+def test_q_sample_and_velocity_match_diffusers():
+    ac = alphas_cumprod(ScheduleConfig())
+    sched = DDPMScheduler(**SD)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([1, 500, 999])
+    assert torch.allclose(q_sample(x0, t, noise, ac), sched.add_noise(x0, noise, t), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(v_target(x0, noise, t, ac), sched.get_velocity(x0, noise, t), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_conversions_recover_x0_and_noise(prediction_type):
+    ac = alphas_cumprod(ScheduleConfig())
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 400, 900])
+    x_t = q_sample(x0, t, noise, ac)
+    output = {"epsilon": noise, "sample": x0, "v_prediction": v_target(x0, noise, t, ac)}[prediction_type]
+    eps, pred_x0 = to_eps_and_x0(output, x_t, t, ac, prediction_type)
+    assert torch.allclose(eps, noise, atol=2e-4) and torch.allclose(pred_x0, x0, atol=2e-4)
+    v = v_target(x0, noise, t, ac)
+    assert torch.allclose(pred_x0_from_eps(noise, x_t, t, ac), x0, atol=2e-4)
+    assert torch.allclose(eps_from_x0(x0, x_t, t, ac), noise, atol=2e-4)
+    assert torch.allclose(x0_from_v(v, x_t, t, ac), x0, atol=1e-5)
+    assert torch.allclose(eps_from_v(v, x_t, t, ac), noise, atol=1e-5)
+
+
+def test_diffusion_loss_targets():
+    ac = alphas_cumprod(ScheduleConfig())
+    g = torch.Generator().manual_seed(2)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([3, 700])
+    v = v_target(x0, noise, t, ac)
+    assert diffusion_loss(noise, x0, noise, t, ac, "epsilon").item() == 0
+    assert diffusion_loss(v, x0, noise, t, ac, "v_prediction").item() == 0
+    assert diffusion_loss(x0, x0, noise, t, ac, "sample").item() == 0
+    zero = torch.zeros_like(x0)
+    assert diffusion_loss(zero, x0, noise, t, ac, "epsilon").item() == pytest.approx(noise.pow(2).mean().item())
+    assert diffusion_loss(zero, x0, noise, t, ac, "v_prediction").item() == pytest.approx(v.pow(2).mean().item())
+
+
+def test_bad_arguments_raise_value_error():
+    with pytest.raises(ValueError, match="linear, scaled_linear, squaredcos_cap_v2"):
+        make_beta_schedule("cosine", 1000)
+    with pytest.raises(ValueError, match="num_steps"):
+        sampling_timesteps(0, ScheduleConfig())
+    with pytest.raises(ValueError, match="num_steps"):
+        euler_schedule(1001, ScheduleConfig())
+    with pytest.raises(ValueError, match="leading, trailing, linspace"):
+        sampling_timesteps(10, ScheduleConfig(timestep_spacing="uniform"))
+    with pytest.raises(ValueError, match="trailing"):  # leading + steps_offset=1 reaches t = 1000
+        sampling_timesteps(1000, ScheduleConfig())
+    ac = alphas_cumprod(ScheduleConfig())
+    x = torch.zeros(1, 4, 2, 2)
+    with pytest.raises(ValueError, match="epsilon, v_prediction, sample"):
+        to_eps_and_x0(x, x, torch.tensor([5]), ac, "eps")
+    with pytest.raises(ValueError, match="integer"):
+        q_sample(x, torch.tensor([5.5]), x, ac)
