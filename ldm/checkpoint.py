@@ -222,7 +222,7 @@ def infer_unet_config(sd: dict, heads: dict) -> UNetConfig:
     levels = n_out // (nrb + 1)
     mult = tuple(int(u[f"input_blocks.{1 + i * (nrb + 1)}.0.out_layers.3.weight"].shape[0]) // mc
                  for i in range(levels))
-    attn = tuple(2 ** i for i in range(levels) if f"input_blocks.{1 + i * (nrb + 1)}.1.norm.weight" in u)
+    attn = tuple(2 ** i for i in reversed(range(levels)) if f"input_blocks.{1 + i * (nrb + 1)}.1.norm.weight" in u)
     to_k = next(v for k, v in u.items() if k.endswith("attn2.to_k.weight"))
     ch0 = int(u["input_blocks.1.0.out_layers.3.weight"].shape[0])
     return UNetConfig(
@@ -307,7 +307,8 @@ def unet_config_from_diffusers(d: dict, vae_factor: int) -> tuple[UNetConfig, in
     cfg = UNetConfig(
         in_channels=d["in_channels"], out_channels=d["out_channels"], model_channels=mc,
         channel_mult=tuple(c // mc for c in boc), num_res_blocks=d["layers_per_block"],
-        attention_resolutions=tuple(2 ** i for i, t in enumerate(d["down_block_types"]) if "CrossAttn" in t),
+        attention_resolutions=tuple(2 ** i for i, t in reversed(list(enumerate(d["down_block_types"])))
+                                    if "CrossAttn" in t),
         transformer_depth=depth, context_dim=d["cross_attention_dim"],
         use_linear_in_transformer=bool(d.get("use_linear_projection", False)),
         num_classes=d.get("num_class_embeds"),

@@ -26,6 +26,11 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 at least (diffusers' sigma schedulers step in float32)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _t_batch(t, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.full((x.shape[0],), t, dtype=dtype, device=x.device)  # (B,)
 
@@ -94,7 +99,7 @@ def _euler_step_input(model_fn, x, sigma: float, t, prediction_type):
     """Evaluate the VP model at x / √(σ²+1) (diffusers' scale_model_input); return pred_x0 in float32."""
     scale = math.sqrt(sigma ** 2 + 1)
     out = model_fn(x / scale, _t_batch(t, x, torch.float32))
-    _, pred_x0 = eps_and_x0_at(out, x.float() / scale, 1 / scale ** 2, prediction_type)  # ᾱ = 1/(1+σ²)
+    _, pred_x0 = eps_and_x0_at(out, _upcast(x) / scale, 1 / scale ** 2, prediction_type)  # ᾱ = 1/(1+σ²)
     return out, pred_x0
 
 
@@ -105,8 +110,8 @@ def euler(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Tensor, timesteps: t
     for i, t in enumerate(timesteps.tolist()):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         out, pred_x0 = _euler_step_input(model_fn, x, sigma, t, prediction_type)
-        d = (x.float() - pred_x0) / sigma                       # Karras eq. (3): dx/dσ = (x − D(x; σ)) / σ
-        x = (x.float() + d * (sigma_next - sigma)).to(out.dtype)
+        d = (_upcast(x) - pred_x0) / sigma                       # Karras eq. (3): dx/dσ = (x − D(x; σ)) / σ
+        x = (_upcast(x) + d * (sigma_next - sigma)).to(out.dtype)
         _after_step(x, i, t, pred_x0, callback)
     return x
 
@@ -121,8 +126,8 @@ def euler_ancestral(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Tensor, ti
         out, pred_x0 = _euler_step_input(model_fn, x, sigma, t, prediction_type)
         sigma_up = math.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2)
         sigma_down = sigma_next ** 2 / sigma                    # = √(σ_next² − σ_up²)
-        d = (x.float() - pred_x0) / sigma                       # Karras eq. (3)
-        x = x.float() + d * (sigma_down - sigma)
+        d = (_upcast(x) - pred_x0) / sigma                       # Karras eq. (3)
+        x = _upcast(x) + d * (sigma_down - sigma)
         x = (x + _randn_like(out, generator) * sigma_up).to(out.dtype)  # drawn on every step, as diffusers
         _after_step(x, i, t, pred_x0, callback)
     return x
@@ -143,7 +148,7 @@ def dpmpp_2m(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Tensor, timesteps
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         alpha_s, sigma_s, lambda_s = _vp(sigma)
         out = model_fn(x, _t_batch(t, x, torch.long))
-        _, pred_x0 = eps_and_x0_at(out, x.float(), alpha_s ** 2, prediction_type)
+        _, pred_x0 = eps_and_x0_at(out, _upcast(x), alpha_s ** 2, prediction_type)
         if sigma_next == 0:
             x_new, h = pred_x0, None   # limit σ_t → 0 of the first-order update: x_t = x0
         else:
@@ -151,7 +156,7 @@ def dpmpp_2m(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Tensor, timesteps
             h = lambda_t - lambda_s
             phi = math.expm1(-h)                                 # e^{−h} − 1
             # DPM-Solver++ eq. (5), first order (= DDIM): x_t = (σ_t/σ_s) x − α_t (e^{−h} − 1) x0
-            x_new = (sigma_t / sigma_s) * x.float() - (alpha_t * phi) * pred_x0
+            x_new = (sigma_t / sigma_s) * _upcast(x) - (alpha_t * phi) * pred_x0
             if pred_x0_prev is not None and i < last:
                 # DPM-Solver++(2M) midpoint: D1 = (m0 − m1) / r, r = h_prev / h
                 d1 = (1.0 / (h_prev / h)) * (pred_x0 - pred_x0_prev)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from ldm.eval.prompts import BACKGROUNDS, COLOURS, SHAPES
 
@@ -19,6 +19,8 @@ MIN_AREA = 0.004         # components smaller than this fraction of the image ar
 MAX_SHAPE_DISTANCE = 40.0  # prototype distance above which a blob is no known shape
 SMALL_LARGE = 0.25       # bounding-box side (fraction of the image) between small and large
 _FEATURE_SCALE = np.array([0.05, 0.05, 0.04, 0.03, 0.08])  # fill, solidity, hole, ymass, aspect
+_CANVASES = (28, 34, 40, 47, 54, 64, 78, 94, 112, 134, 160)  # calibration images (extent 0.3x)
+_BLURS = (0.0, 0.7, 1.4, 2.2, 3.0)                            # calibration Gaussian blurs (px)
 _PALETTE = np.array(list(COLOURS.values()), np.float32)
 _BG_PALETTE = np.array(list(BACKGROUNDS.values()), np.float32)
 
@@ -145,31 +147,47 @@ def features(alpha: np.ndarray) -> tuple[np.ndarray, dict]:
     hole = (n_filled - int(mask.sum())) / n_filled
     solidity = n_filled / max(_hull_area(filled), 1.0)
     vec = np.array([area / (width * height), solidity, hole, ymass, width / height])
-    return vec, {"cx": cx, "cy": cy, "extent": max(width, height), "area": area}
+    gy, gx = np.gradient(alpha)
+    blur = float((alpha * (1 - alpha)).sum() / max(np.hypot(gx, gy).sum(), 1e-6))
+    return vec, {"cx": cx, "cy": cy, "extent": max(width, height), "area": area, "blur": blur}
 
 
 @lru_cache(maxsize=1)
-def _prototypes() -> tuple[np.ndarray, np.ndarray]:
-    """Features of each shape rendered cleanly at a range of pixel extents: (extents, [E,S,F])."""
+def _prototypes() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features of each shape rendered at a range of pixel extents and edge blurs.
+
+    Returns extents [E], measured edge blur [E, B] and features [E, B, S, F].
+    """
     from ldm.data.scenes import Scene, SceneObject, render
-    extents, table = [], []
-    for canvas in (28, 34, 40, 47, 54, 64, 78, 94, 112, 134, 160):
-        row = []
-        for shape in SHAPES:
-            scene = Scene((SceneObject(shape, "red", "large", 1, None, ((0.5, 0.5),)),), "beige")
-            objs = _components(to_array(render(scene, canvas)))
-            row.append(objs[0][0])
+    extents, blurs, table = [], [], []
+    for canvas in _CANVASES:
+        images = {shape: render(Scene((SceneObject(shape, "red", "large", 1, None, ((0.5, 0.5),)),),
+                                      "beige"), canvas) for shape in SHAPES}
+        b_row, f_row = [], []
+        for sigma in _BLURS:
+            comps = [_components(to_array(img.filter(ImageFilter.GaussianBlur(sigma))))[0]
+                     for img in images.values()]
+            b_row.append(np.mean([geo["blur"] for _, geo, _ in comps]))
+            f_row.append([vec for vec, _, _ in comps])
         extents.append(0.3 * canvas)
-        table.append(row)
-    return np.array(extents), np.array(table)
+        blurs.append(b_row)
+        table.append(f_row)
+    return np.array(extents), np.array(blurs), np.array(table)
 
 
-def classify_shape(vec: np.ndarray, extent_px: float) -> tuple[str | None, float]:
-    """Nearest shape prototype at the object's pixel extent, and its scaled distance."""
-    extents, table = _prototypes()
-    i = int(np.clip(np.searchsorted(extents, extent_px), 1, len(extents) - 1))
-    t = float(np.clip((extent_px - extents[i - 1]) / (extents[i] - extents[i - 1]), 0, 1))
-    protos = (1 - t) * table[i - 1] + t * table[i]
+def _interp(xs: np.ndarray, x: float) -> tuple[int, float]:
+    i = int(np.clip(np.searchsorted(xs, x), 1, len(xs) - 1))
+    return i, float(np.clip((x - xs[i - 1]) / (xs[i] - xs[i - 1]), 0, 1))
+
+
+def classify_shape(vec: np.ndarray, extent_px: float, blur: float) -> tuple[str | None, float]:
+    """Nearest shape prototype at the object's pixel extent and edge blur, and its distance."""
+    extents, blurs, table = _prototypes()
+    i, t = _interp(extents, extent_px)
+    b_at = (1 - t) * blurs[i - 1] + t * blurs[i]
+    k, u = _interp(b_at, blur)
+    at = (1 - t) * table[i - 1] + t * table[i]
+    protos = (1 - u) * at[k - 1] + u * at[k]
     dist = np.sqrt((((protos - vec) / _FEATURE_SCALE) ** 2).sum(axis=1))
     best = int(np.argmin(dist))
     return (SHAPES[best] if dist[best] <= MAX_SHAPE_DISTANCE else None), float(dist[best])
@@ -233,7 +251,7 @@ def detect(image) -> tuple[list[Detection], str]:
     h, w = arr.shape[:2]
     dets = []
     for vec, geo, colour in _components(arr, MIN_AREA * h * w):
-        shape, d = classify_shape(vec, geo["extent"])
+        shape, d = classify_shape(vec, geo["extent"], geo["blur"])
         extent = geo["extent"] / max(h, w)
         dets.append(Detection(shape, nearest_colour(colour), "large" if extent >= SMALL_LARGE
                               else "small", geo["cx"] / w, geo["cy"] / h, extent,

@@ -1,0 +1,153 @@
+"""The `ldm` command: generate, convert, eval. Thin: parses arguments and calls the library."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def model_hash(path: Path) -> str:
+    """sha256 of the weights, first 10 hex digits (the "Model hash" other SD tools print)."""
+    files = [path] if path.is_file() else sorted(path.glob("unet/*.safetensors")) or sorted(path.rglob("*.safetensors"))
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:10]
+
+
+def png_parameters(info: dict, model_name: str, hash_: str) -> dict[str, str]:
+    """PNG text chunks: `parameters` in the A1111 layout, plus one chunk per field."""
+    lines = [info["prompt"]]
+    if info.get("negative_prompt"):
+        lines.append(f"Negative prompt: {info['negative_prompt']}")
+    lines.append(f"Steps: {info['steps']}, Sampler: {info['sampler']}, CFG scale: {info['guidance_scale']}, "
+                 f"Seed: {info['seed']}, Size: {info['width']}x{info['height']}, Model hash: {hash_}, "
+                 f"Model: {model_name}, Batch index: {info['batch_index']}")
+    fields = {k: str(info[k]) for k in ("prompt", "negative_prompt", "seed", "steps", "guidance_scale",
+                                        "sampler", "height", "width", "batch_index")}
+    return {"parameters": "\n".join(lines), **fields, "model": model_name, "model_hash": hash_}
+
+
+def save_png(image, path: Path, text: dict[str, str]) -> None:
+    """Write atomically (temporary file, then rename), so no half-written PNG is ever left."""
+    from PIL.PngImagePlugin import PngInfo
+    meta = PngInfo()
+    for k, v in text.items():
+        meta.add_itxt(k, v)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG", pnginfo=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def output_paths(out: Path, n: int) -> list[Path]:
+    if n == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i:02d}{out.suffix or '.png'}") for i in range(n)]
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .pipeline import Pipeline, default_model_path
+    model = Path(args.model) if args.model else default_model_path()
+    pipe = Pipeline.from_pretrained(model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
+                                    prediction_type=args.prediction_type, allow_pickle=args.allow_pickle)
+    steps = args.steps or pipe.config.default_steps
+    with tqdm(total=steps, desc="sampling", unit="step", disable=args.quiet) as bar:
+        images = pipe(args.prompt, negative_prompt=args.negative, steps=steps, guidance_scale=args.scale,
+                      height=args.height, width=args.width, seed=args.seed, sampler=args.sampler,
+                      karras=args.karras, eta=args.eta, num_images_per_prompt=args.n,
+                      callback=lambda d: bar.update(1))
+    hash_ = model_hash(model)
+    for image, path in zip(images, output_paths(Path(args.output), len(images))):
+        save_png(image, path, png_parameters(image.info, model.name, hash_))
+        print(path)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .pipeline import Pipeline
+    pipe = Pipeline.from_pretrained(args.src, prediction_type=args.prediction_type,
+                                    use_ema=args.use_ema, allow_pickle=args.allow_pickle)
+    import torch
+    pipe.save_pretrained(args.dst, args.to, dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None)
+    print(args.dst)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .samplers import SAMPLERS
+    p = argparse.ArgumentParser(prog="ldm", description="Latent text-to-image diffusion (Stable Diffusion family).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="draw images from a prompt",
+                       description="Draw images from a prompt; PNGs carry the generation parameters.")
+    g.add_argument("prompt")
+    g.add_argument("-o", "--output", default="out.png", help="output PNG (numbered when -n > 1)")
+    g.add_argument("--model", help="our .safetensors, an original SD .safetensors or a diffusers folder "
+                                   "(default: the model shipped in weights/)")
+    g.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    g.add_argument("--scale", type=float, help="classifier-free guidance scale (default: the model's)")
+    g.add_argument("--seed", type=int, help="random seed (default: random, written to the PNG)")
+    g.add_argument("--negative", help="negative prompt (replaces the empty prompt as the null condition)")
+    g.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: the model's)")
+    g.add_argument("--karras", action="store_true", help="Karras sigmas (euler, euler_ancestral, dpmpp_2m)")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 = deterministic)")
+    g.add_argument("--height", type=int)
+    g.add_argument("--width", type=int)
+    g.add_argument("-n", type=int, default=1, help="number of images")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    g.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+                   help="override for original SD2.x-768 files (v_prediction), which shapes can't tell")
+    g.add_argument("--allow-pickle", action="store_true", help="allow .ckpt files (read with weights_only=True)")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("convert", help="convert between checkpoint formats")
+    c.add_argument("src", help="our .safetensors, an original SD .safetensors/.ckpt or a diffusers folder")
+    c.add_argument("dst")
+    c.add_argument("--to", required=True, choices=["ldm", "original", "diffusers"])
+    c.add_argument("--dtype", choices=sorted(DTYPES), help="store weights in this dtype")
+    c.add_argument("--prediction-type", choices=["epsilon", "v_prediction"])
+    c.add_argument("--use-ema", action="store_true", help="take the UNet from the EMA weights")
+    c.add_argument("--allow-pickle", action="store_true")
+    c.set_defaults(func=cmd_convert)
+
+    try:
+        from .eval import cli as eval_cli
+    except ImportError:
+        eval_cli = None
+    if eval_cli is not None:
+        e = sub.add_parser("eval", help="score prompt adherence of generated images")
+        eval_cli.add_arguments(e)
+        e.set_defaults(func=eval_cli.run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
+        print(f"ldm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

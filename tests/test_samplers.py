@@ -1,0 +1,217 @@
+"""ldm.samplers: step-for-step parity with diffusers' schedulers, analytic Gaussian checks, guards."""
+import math
+
+import pytest
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler)
+
+from ldm.config import ScheduleConfig
+from ldm.samplers import SAMPLERS, ddpm, sample
+from ldm.schedule import alphas_cumprod, sampling_timesteps, sigmas_from_alphas_cumprod, t_to_sigma
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notes from diffusers
+
+SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+          steps_offset=1)
+SHAPE = (2, 4, 8, 8)
+
+
+def model_fn(x, t):
+    """A fixed nonlinear stand-in for the UNet."""
+    tt = t.float().reshape(-1, 1, 1, 1)
+    return 0.6 * torch.tanh(x) * torch.cos(tt / 300) + 0.2 * x * torch.sin(tt / 170) + 0.05 * torch.sin(tt / 50)
+
+
+def noise_and_generator():
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)), torch.Generator().manual_seed(3)
+
+
+def run_diffusers(sched, noise, num_steps, generator, **step_kwargs):
+    """The StableDiffusionPipeline denoising loop."""
+    if sched.num_inference_steps is None:
+        sched.set_timesteps(num_steps)
+    x = noise * sched.init_noise_sigma
+    for t in sched.timesteps:
+        out = model_fn(sched.scale_model_input(x, t), t.expand(x.shape[0]))
+        x = sched.step(out, t, x, generator=generator, **step_kwargs).prev_sample
+    return x
+
+
+def diffusers_scheduler(name, prediction_type, spacing, karras):
+    common = dict(SD, prediction_type=prediction_type, timestep_spacing=spacing)
+    if name == "ddpm":
+        return DDPMScheduler(**common, clip_sample=False)
+    if name == "ddim":
+        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False)
+    if name == "euler":
+        return EulerDiscreteScheduler(**common, use_karras_sigmas=karras)
+    if name == "dpmpp_2m":
+        return DPMSolverMultistepScheduler(**common, use_karras_sigmas=karras)
+    return EulerAncestralDiscreteScheduler(**common)
+
+
+def assert_rel_close(ours, ref, rtol=1e-5):
+    rel = ((ours - ref).abs().max() / ref.abs().max()).item()
+    assert ours.shape == ref.shape and rel < rtol, f"max relative difference {rel:.2e}"
+
+
+CASES = [("ddpm", False, 0.0), ("ddim", False, 0.0), ("ddim", False, 0.5), ("euler", False, 0.0),
+         ("euler", True, 0.0), ("euler_ancestral", False, 0.0), ("dpmpp_2m", False, 0.0),
+         ("dpmpp_2m", True, 0.0)]
+
+
+@pytest.mark.parametrize("name,karras,eta", CASES)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("num_steps", [9, 16])
+def test_parity_with_diffusers(name, karras, eta, prediction_type, spacing, num_steps):
+    noise, generator = noise_and_generator()
+    sched = diffusers_scheduler(name, prediction_type, spacing, karras)
+    ref = run_diffusers(sched, noise, num_steps, generator, **({"eta": eta} if name == "ddim" else {}))
+    cfg = ScheduleConfig(prediction_type=prediction_type, timestep_spacing=spacing)
+    ours = sample(name, model_fn, noise, cfg, num_steps, eta=eta, karras=karras,
+                  generator=torch.Generator().manual_seed(3))
+    assert_rel_close(ours, ref)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddpm_fixed_large_parity(prediction_type):
+    noise, generator = noise_and_generator()
+    sched = DDPMScheduler(**SD, clip_sample=False, variance_type="fixed_large", prediction_type=prediction_type)
+    ref = run_diffusers(sched, noise, 12, generator)
+    cfg = ScheduleConfig(prediction_type=prediction_type)
+    ours = ddpm(model_fn, noise, alphas_cumprod(cfg), sampling_timesteps(12, cfg), variance="fixed_large",
+                prediction_type=prediction_type, generator=torch.Generator().manual_seed(3))
+    assert_rel_close(ours, ref)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_euler_ancestral_karras_parity(prediction_type):
+    # diffusers' EulerAncestral has no use_karras_sigmas: give it EulerDiscrete's Karras grid
+    noise, generator = noise_and_generator()
+    karras = EulerDiscreteScheduler(**SD, timestep_spacing="leading", use_karras_sigmas=True)
+    karras.set_timesteps(10)
+    sched = EulerAncestralDiscreteScheduler(**SD, timestep_spacing="leading", prediction_type=prediction_type)
+    sched.set_timesteps(10)
+    sched.sigmas, sched.timesteps = karras.sigmas, karras.timesteps
+    ref = run_diffusers(sched, noise, 10, generator)
+    ours = sample("euler_ancestral", model_fn, noise, ScheduleConfig(prediction_type=prediction_type), 10,
+                  karras=True, generator=torch.Generator().manual_seed(3))
+    assert_rel_close(ours, ref)
+
+
+def test_euler_ancestral_is_ddpm_in_sigma_space():
+    # with "leading" spacing both walk the same chain and draw the same noise: identical samples
+    noise, _ = noise_and_generator()
+    a = sample("ddpm", model_fn, noise, ScheduleConfig(), 12, generator=torch.Generator().manual_seed(5))
+    b = sample("euler_ancestral", model_fn, noise, ScheduleConfig(), 12, generator=torch.Generator().manual_seed(5))
+    assert_rel_close(b, a)
+
+
+def test_seeding():
+    noise, _ = noise_and_generator()
+    run = lambda name, seed, **kw: sample(name, model_fn, noise, ScheduleConfig(), 6,  # noqa: E731
+                                          generator=torch.Generator().manual_seed(seed), **kw)
+    assert torch.equal(run("ddim", 0), run("ddim", 1))  # η = 0 draws nothing
+    assert torch.equal(run("ddim", 0, eta=1.0), run("ddim", 0, eta=1.0))
+    assert not torch.allclose(run("ddim", 0, eta=1.0), run("ddim", 1, eta=1.0))
+    assert torch.equal(run("euler_ancestral", 2), run("euler_ancestral", 2))
+
+
+# --- analytic: for data ~ N(0, σ_d²) the optimal ε is closed form --------------------------------
+
+SIGMA_DATA = 0.5
+
+
+def gaussian_eps_model(cfg):
+    """ε*(x_t, t) = √(1−ᾱ) x_t / (ᾱ σ_d² + 1 − ᾱ); fractional t interpolated as diffusers' Euler."""
+    sigmas = sigmas_from_alphas_cumprod(alphas_cumprod(cfg))
+
+    def eps(x, t):
+        a = (1 / (1 + t_to_sigma(t, sigmas) ** 2)).to(x).reshape(-1, 1, 1, 1)
+        return (1 - a).sqrt() * x / (a * SIGMA_DATA ** 2 + 1 - a)
+    return eps
+
+
+def test_deterministic_samplers_solve_the_gaussian_flow():
+    """The probability-flow ODE maps x_T to c·x_T with c = std_end / std_start; samplers converge to it."""
+    cfg = ScheduleConfig(timestep_spacing="trailing")
+    ac, model = alphas_cumprod(cfg), gaussian_eps_model(cfg)
+    var = lambda a: a * SIGMA_DATA ** 2 + 1 - a  # noqa: E731  Var(x_t) at ᾱ
+    a_T, a_0, s_T = ac[-1].item(), ac[0].item(), sigmas_from_alphas_cumprod(ac)[-1].item()
+    exact = {"ddim": math.sqrt(var(a_0) / var(a_T)),                     # ends at ᾱ_0 (SD-compat)
+             "dpmpp_2m": SIGMA_DATA / math.sqrt(var(a_T)),                 # VP x_T = noise, ends at σ = 0
+             "euler": s_T * SIGMA_DATA / math.sqrt(SIGMA_DATA ** 2 + s_T ** 2)}  # VE x_T = σ_max noise
+    noise = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for name, c_exact in exact.items():
+        errors = []
+        for num_steps in (10, 50, 250):
+            out = sample(name, model, noise, cfg, num_steps)
+            c = ((out * noise).sum() / (noise * noise).sum()).item()
+            assert (out - c * noise).abs().max() < 1e-12            # a deterministic linear map
+            errors.append(abs(c - c_exact) / c_exact)
+        assert errors[0] > errors[1] > errors[2] and errors[2] < 0.02, (name, errors)
+
+
+def test_samplers_produce_sigma_data_std():
+    cfg = ScheduleConfig(timestep_spacing="trailing")
+    noise = torch.randn(1000, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    for name in SAMPLERS:
+        out = sample(name, gaussian_eps_model(cfg), noise, cfg, 250, generator=torch.Generator().manual_seed(1))
+        assert out.std().item() == pytest.approx(SIGMA_DATA, rel=0.04), name
+
+
+def test_ddpm_fixed_small_and_large_bracket_sigma_data():
+    # strided DDPM under-disperses with β̃ and over-disperses with β (Bao et al. 2022, Analytic-DPM)
+    cfg = ScheduleConfig(timestep_spacing="trailing")
+    ac, ts, model = alphas_cumprod(cfg), sampling_timesteps(50, cfg), gaussian_eps_model(cfg)
+    noise = torch.randn(1000, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    std = {v: ddpm(model, noise, ac, ts, variance=v, generator=torch.Generator().manual_seed(1)).std().item()
+           for v in ("fixed_small", "fixed_large")}
+    assert std["fixed_small"] < 0.97 * SIGMA_DATA < 1.02 * SIGMA_DATA < std["fixed_large"]
+
+
+# --- driver contract ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_callback_once_per_step(name):
+    noise, _ = noise_and_generator()
+    seen = []
+    out = sample(name, model_fn, noise, ScheduleConfig(), 5, generator=torch.Generator().manual_seed(0),
+                 callback=seen.append)
+    assert [d["i"] for d in seen] == list(range(5))
+    assert torch.equal(seen[-1]["x"], out) and seen[-1]["pred_x0"].shape == SHAPE
+    if name in ("ddpm", "ddim"):
+        assert [d["t"] for d in seen] == sampling_timesteps(5, ScheduleConfig()).tolist()
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_nan_raises_floating_point_error(name):
+    noise, _ = noise_and_generator()
+    calls = []
+
+    def broken(x, t):
+        calls.append(1)
+        out = model_fn(x, t)
+        return out * float("nan") if len(calls) == 3 else out
+    with pytest.raises(FloatingPointError, match=r"step 2 .*float32.*guidance_scale"):
+        sample(name, broken, noise, ScheduleConfig(), 6, generator=torch.Generator().manual_seed(0))
+
+
+def test_bad_arguments_raise_value_error():
+    noise, _ = noise_and_generator()
+    with pytest.raises(ValueError, match="ddpm, ddim, euler, euler_ancestral, dpmpp_2m"):
+        sample("plms", model_fn, noise, ScheduleConfig(), 10)
+    with pytest.raises(ValueError, match="eta"):
+        sample("euler", model_fn, noise, ScheduleConfig(), 10, eta=0.5)
+    with pytest.raises(ValueError, match="karras"):
+        sample("ddim", model_fn, noise, ScheduleConfig(), 10, karras=True)
+    for num_steps in (0, 1001):
+        with pytest.raises(ValueError, match="num_steps"):
+            sample("dpmpp_2m", model_fn, noise, ScheduleConfig(), num_steps)
+    with pytest.raises(ValueError, match="epsilon, v_prediction, sample"):
+        sample("ddim", model_fn, noise, ScheduleConfig(prediction_type="eps"), 10)
+    cfg = ScheduleConfig()
+    with pytest.raises(ValueError, match="fixed_small, fixed_large"):
+        ddpm(model_fn, noise, alphas_cumprod(cfg), sampling_timesteps(5, cfg), variance="learned")
