@@ -55,17 +55,20 @@ def ddpm(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, times
     ts = timesteps.tolist()
     for i, t in enumerate(ts):
         prev = ts[i + 1] if i + 1 < len(ts) else -1
-        alpha_bar, alpha_bar_prev = float(alphas_cumprod[t]), (float(alphas_cumprod[prev]) if prev >= 0 else 1.0)
-        alpha = alpha_bar / alpha_bar_prev   # α_t of the strided chain
+        alpha_bar = float(alphas_cumprod[t])
+        alpha_bar_prev = float(alphas_cumprod[prev]) if prev >= 0 else 1.0
+        alpha = alpha_bar / alpha_bar_prev   # α_t, β_t of the strided chain
         beta = 1 - alpha
         out = model_fn(x, _t_batch(t, x, torch.long))
         _, pred_x0 = eps_and_x0_at(out, x, alpha_bar, prediction_type)
         # DDPM eq. (7): posterior mean μ̃_t(x_t, x0)
-        x_new = (math.sqrt(alpha_bar_prev) * beta / (1 - alpha_bar)) * pred_x0 \
-            + (math.sqrt(alpha) * (1 - alpha_bar_prev) / (1 - alpha_bar)) * x
-        if t > 0:  # diffusers-compat: noise whenever t > 0, also on the last step when steps_offset=1
-            var = beta if variance == "fixed_large" else max((1 - alpha_bar_prev) / (1 - alpha_bar) * beta, 1e-20)
-            x_new = x_new + math.sqrt(var) * _randn_like(out, generator)   # DDPM eq. (7): β̃_t
+        coef_x0 = math.sqrt(alpha_bar_prev) * beta / (1 - alpha_bar)
+        coef_xt = math.sqrt(alpha) * (1 - alpha_bar_prev) / (1 - alpha_bar)
+        x_new = coef_x0 * pred_x0 + coef_xt * x
+        if t > 0:  # diffusers-compat: noise whenever t > 0, also on the last step if steps_offset=1
+            posterior_var = max((1 - alpha_bar_prev) / (1 - alpha_bar) * beta, 1e-20)  # DDPM eq. (7): β̃_t
+            var = beta if variance == "fixed_large" else posterior_var
+            x_new = x_new + math.sqrt(var) * _randn_like(out, generator)
         x = x_new
         _after_step(x, i, t, pred_x0, callback)
     return x
@@ -73,14 +76,17 @@ def ddpm(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, times
 
 def ddim(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, *,
          prediction_type: str = "epsilon", eta: float = 0.0, generator: torch.Generator | None = None,
-         callback=None) -> torch.Tensor:
+         callback=None, stride: int | None = None) -> torch.Tensor:
     """DDIM (Song et al. 2021): eta=0 deterministic, eta=1 ancestral. alpha_t / alpha_prev are ᾱ
-    (CompVis's a_t / a_prev); the final alpha_prev is ᾱ_0 (SD: set_alpha_to_one=False)."""
+    (CompVis's a_t / a_prev) with alpha_prev read at t − stride, ᾱ_0 past the end (SD-compat).
+    stride defaults to T // len(timesteps) as diffusers; give the full schedule's for a suffix."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    T, S = len(alphas_cumprod), len(timesteps)
+    # diffusers-compat: t − T // S is the next timestep for "leading" spacing, off by up to a
+    # stride's rounding for "trailing" / "linspace"
+    stride = len(alphas_cumprod) // len(timesteps) if stride is None else stride
     for i, t in enumerate(timesteps.tolist()):
-        prev = t - T // S   # diffusers-compat: the next timestep for "leading" spacing
+        prev = t - stride
         alpha_t = float(alphas_cumprod[t])
         alpha_prev = float(alphas_cumprod[prev]) if prev >= 0 else float(alphas_cumprod[0])
         out = model_fn(x, _t_batch(t, x, torch.long))
@@ -105,12 +111,12 @@ def _euler_step_input(model_fn, x, sigma: float, t, prediction_type):
 
 def euler(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor, *,
           prediction_type: str = "epsilon", callback=None) -> torch.Tensor:
-    """Euler on the probability-flow ODE in σ (Karras et al. 2022, Alg. 2 with S_churn=0), as
+    """Euler on the probability-flow ODE in σ (Karras et al. 2022, Alg. 1 minus Heun's correction), as
     EulerDiscreteScheduler; x = x0 + σ ε starts at noise · init σ, sigmas (S+1,) end in 0."""
     for i, t in enumerate(timesteps.tolist()):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         out, pred_x0 = _euler_step_input(model_fn, x, sigma, t, prediction_type)
-        d = (_upcast(x) - pred_x0) / sigma                       # Karras eq. (3): dx/dσ = (x − D(x; σ)) / σ
+        d = (_upcast(x) - pred_x0) / sigma                       # Karras eq. (1), (3): dx/dσ = (x − D)/σ
         x = (_upcast(x) + d * (sigma_next - sigma)).to(out.dtype)
         _after_step(x, i, t, pred_x0, callback)
     return x
@@ -126,7 +132,7 @@ def euler_ancestral(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Tensor, ti
         out, pred_x0 = _euler_step_input(model_fn, x, sigma, t, prediction_type)
         sigma_up = math.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2)
         sigma_down = sigma_next ** 2 / sigma                    # = √(σ_next² − σ_up²)
-        d = (_upcast(x) - pred_x0) / sigma                       # Karras eq. (3)
+        d = (_upcast(x) - pred_x0) / sigma                       # Karras eq. (1), (3)
         x = _upcast(x) + d * (sigma_down - sigma)
         x = (x + _randn_like(out, generator) * sigma_up).to(out.dtype)  # drawn on every step, as diffusers
         _after_step(x, i, t, pred_x0, callback)
@@ -155,10 +161,10 @@ def dpmpp_2m(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Tensor, timesteps
             alpha_t, sigma_t, lambda_t = _vp(sigma_next)
             h = lambda_t - lambda_s
             phi = math.expm1(-h)                                 # e^{−h} − 1
-            # DPM-Solver++ eq. (5), first order (= DDIM): x_t = (σ_t/σ_s) x − α_t (e^{−h} − 1) x0
+            # DPM-Solver++ first-order update (= DDIM): x_t = (σ_t/σ_s) x − α_t (e^{−h} − 1) x0
             x_new = (sigma_t / sigma_s) * _upcast(x) - (alpha_t * phi) * pred_x0
             if pred_x0_prev is not None and i < last:
-                # DPM-Solver++(2M) midpoint: D1 = (m0 − m1) / r, r = h_prev / h
+                # DPM-Solver++(2M), Alg. 2: − ½ α_t (e^{−h} − 1) D1, D1 = (m0 − m1) / r, r = h_prev/h
                 d1 = (1.0 / (h_prev / h)) * (pred_x0 - pred_x0_prev)
                 x_new = x_new - 0.5 * (alpha_t * phi) * d1
         x = x_new.to(out.dtype)

@@ -7,7 +7,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler)
 
 from ldm.config import ScheduleConfig
-from ldm.samplers import SAMPLERS, ddpm, sample
+from ldm.samplers import SAMPLERS, ddim, ddpm, sample
 from ldm.schedule import alphas_cumprod, sampling_timesteps, sigmas_from_alphas_cumprod, t_to_sigma
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notes from diffusers
@@ -83,6 +83,18 @@ def test_ddpm_fixed_large_parity(prediction_type):
     cfg = ScheduleConfig(prediction_type=prediction_type)
     ours = ddpm(model_fn, noise, alphas_cumprod(cfg), sampling_timesteps(12, cfg), variance="fixed_large",
                 prediction_type=prediction_type, generator=torch.Generator().manual_seed(3))
+    assert_rel_close(ours, ref)
+
+
+def test_ddim_on_a_suffix_of_the_schedule():
+    # img2img runs the tail of a 10-step schedule; diffusers' stride stays 1000 // 10
+    noise, _ = noise_and_generator()
+    sched = diffusers_scheduler("ddim", "epsilon", "leading", False)
+    sched.set_timesteps(10)
+    sched.timesteps = sched.timesteps[4:]
+    ref = run_diffusers(sched, noise, 10, None)
+    cfg = ScheduleConfig()
+    ours = ddim(model_fn, noise, alphas_cumprod(cfg), sampling_timesteps(10, cfg)[4:], stride=100)
     assert_rel_close(ours, ref)
 
 

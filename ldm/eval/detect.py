@@ -20,7 +20,7 @@ MAX_SHAPE_DISTANCE = 40.0  # prototype distance above which a blob is no known s
 SMALL_LARGE = 0.25       # bounding-box side (fraction of the image) between small and large
 _FEATURE_SCALE = np.array([0.05, 0.05, 0.04, 0.03, 0.08])  # fill, solidity, hole, ymass, aspect
 _CANVASES = (28, 34, 40, 47, 54, 64, 78, 94, 112, 134, 160)  # calibration images (extent 0.3x)
-_BLURS = (0.0, 0.7, 1.4, 2.2, 3.0)                            # calibration Gaussian blurs (px)
+_BLURS = (0.0, 0.7, 1.4, 2.2, 3.0)                               # calibration Gaussian blurs (px)
 _PALETTE = np.array(list(COLOURS.values()), np.float32)
 _BG_PALETTE = np.array(list(BACKGROUNDS.values()), np.float32)
 
@@ -69,10 +69,10 @@ def nearest_colour(rgb) -> str:
 
 def label(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """8-connected components of a boolean mask (run-length union-find): labels 1..n."""
-    h, w = mask.shape
     edges = np.diff(np.pad(mask, ((0, 0), (1, 1))).astype(np.int8), axis=1)
-    parent: list[int] = []
-    runs: list[tuple[int, int, int]] = []
+    rows, starts = (a.tolist() for a in np.nonzero(edges == 1))
+    ends = np.nonzero(edges == -1)[1].tolist()  # exclusive; same row-major order as starts
+    parent = list(range(len(rows)))
 
     def find(i: int) -> int:
         while parent[i] != i:
@@ -80,22 +80,18 @@ def label(mask: np.ndarray) -> tuple[np.ndarray, int]:
             i = parent[i]
         return i
 
-    prev: list[int] = []
-    for y in range(h):
-        cur = []
-        for s, e in zip(np.flatnonzero(edges[y] == 1), np.flatnonzero(edges[y] == -1)):
-            idx = len(runs)
-            runs.append((y, int(s), int(e)))
-            parent.append(idx)
-            cur.append(idx)
-            for k in prev:
-                if runs[k][1] <= e and runs[k][2] >= s:
-                    a, b = find(k), find(idx)
-                    parent[max(a, b)] = min(a, b)
-        prev = cur
-    labels = np.zeros((h, w), np.int32)
+    prev_lo = prev_hi = row_lo = 0  # runs of the previous row: [prev_lo, prev_hi)
+    for i, (y, s, e) in enumerate(zip(rows, starts, ends)):
+        if i == 0 or y != rows[i - 1]:
+            adjacent = i > 0 and rows[i - 1] == y - 1
+            prev_lo, prev_hi, row_lo = (row_lo, i, i) if adjacent else (i, i, i)
+        for k in range(prev_lo, prev_hi):
+            if starts[k] <= e and ends[k] >= s:
+                a, b = find(k), find(i)
+                parent[max(a, b)] = min(a, b)
+    labels = np.zeros(mask.shape, np.int32)
     ids: dict[int, int] = {}
-    for i, (y, s, e) in enumerate(runs):
+    for i, (y, s, e) in enumerate(zip(rows, starts, ends)):
         labels[y, s:e] = ids.setdefault(find(i), len(ids) + 1)
     return labels, len(ids)
 

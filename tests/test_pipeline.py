@@ -1,0 +1,159 @@
+"""Text-to-image end to end: same pictures as diffusers' StableDiffusionPipeline from the same
+weights and seed; one batched UNet call per guided step; bad input refused before any work."""
+import numpy as np
+import pytest
+import torch
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                       StableDiffusionPipeline)
+
+from ldm import Pipeline
+
+SCHEDULERS = {"ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
+
+
+@pytest.fixture(scope="module")
+def reference(saved):
+    out = {}
+    for family, s in saved.items():
+        ref = StableDiffusionPipeline.from_pretrained(s["diffusers"], safety_checker=None)
+        ref.set_progress_bar_config(disable=True)
+        out[family] = ref
+    return out
+
+
+@pytest.mark.parametrize("sampler", sorted(SCHEDULERS))
+def test_same_images_as_diffusers(saved, reference, family, sampler):
+    ref, ours = reference[family], Pipeline.from_pretrained(saved[family]["diffusers"])
+    ref.scheduler = SCHEDULERS[sampler].from_config(ref.scheduler.config)
+    prompts = ["a red circle to the left of a blue square", "two green stars"]
+    kw = dict(guidance_scale=7.5, height=32, width=32)
+    a = ref(prompts, negative_prompt=["", "blurry"], num_inference_steps=6,
+            generator=torch.Generator("cpu").manual_seed(3), output_type="np", **kw).images
+    b = ours(prompts, negative_prompt=["", "blurry"], steps=6, seed=3, sampler=sampler, output_type="np", **kw)
+    assert a.shape == b.shape == (2, 32, 32, 3)
+    assert a.std() > 0.05                          # a real picture, not a constant
+    assert np.abs(a - b).max() <= 1 / 255
+
+
+def test_karras_sigmas_match_diffusers(saved, reference):
+    ref, ours = reference["sd1"], saved["sd1"]["pipe"]
+    ref.scheduler = DPMSolverMultistepScheduler.from_config(ref.scheduler.config, use_karras_sigmas=True)
+    a = ref("a cat", num_inference_steps=5, height=32, width=32,
+            generator=torch.Generator("cpu").manual_seed(0), output_type="np").images
+    b = ours("a cat", steps=5, height=32, width=32, seed=0, sampler="dpmpp_2m", karras=True, output_type="np")
+    assert np.abs(a - b).max() <= 1 / 255
+
+
+class CountingUNet(torch.nn.Module):
+    """Wraps a UNet, recording the batch size of every call."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.batches = unet, []
+
+    def forward(self, x, t, context):
+        self.batches.append(x.shape[0])
+        return self.unet(x, t, context)
+
+
+@pytest.fixture
+def counted(saved):
+    pipe = Pipeline.from_pretrained(saved["sd1"]["ldm"])
+    counter = CountingUNet(pipe.unet)
+    pipe.model.model.diffusion_model = counter
+    return pipe, counter
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "euler", "euler_ancestral", "dpmpp_2m"])
+def test_one_batched_unet_call_per_guided_step(counted, sampler):
+    pipe, counter = counted
+    pipe(["a", "b", "c"], steps=4, guidance_scale=5.0, seed=0, sampler=sampler, output_type="latent")
+    assert counter.batches == [6] * 4
+
+
+def test_scale_one_is_a_single_conditional_call(counted):
+    pipe, counter = counted
+    pipe(["a", "b"], steps=3, guidance_scale=1.0, seed=0, output_type="latent")
+    assert counter.batches == [2] * 3
+
+
+def test_guidance_scale_limits(saved):
+    """s = 1 equals the conditional model alone; s = 0 equals the model on the null prompt."""
+    pipe = saved["sd1"]["pipe"]
+    kw = dict(steps=3, seed=5, output_type="latent")
+    cond = pipe("a red circle", guidance_scale=1.0, **kw)
+    uncond = pipe("", guidance_scale=1.0, **kw)
+    guided_one = pipe("a red circle", negative_prompt="", guidance_scale=1.0 + 1e-9, **kw)
+    guided_zero = pipe("a red circle", guidance_scale=0.0, **kw)
+    assert torch.allclose(guided_one, cond, atol=1e-5)
+    assert torch.allclose(guided_zero, uncond, atol=1e-5)
+    assert not torch.allclose(cond, uncond, atol=1e-3)
+
+
+def test_seed_reproducibility_and_latents(saved):
+    pipe = saved["sd1"]["pipe"]
+    a = pipe("x", steps=2, seed=11, output_type="latent")
+    b = pipe("x", steps=2, seed=11, output_type="latent")
+    c = pipe("x", steps=2, seed=12, output_type="latent")
+    noise = torch.randn((1, 4, 16, 16), generator=torch.Generator("cpu").manual_seed(11))
+    d = pipe("x", steps=2, latents=noise, output_type="latent")
+    assert torch.equal(a, b) and torch.equal(a, d) and not torch.equal(a, c)
+
+
+def test_outputs_and_parameters(saved):
+    pipe = saved["sd1"]["pipe"]
+    images = pipe(["p", "q"], steps=2, seed=1, num_images_per_prompt=2, negative_prompt="neg")
+    assert len(images) == 4 and images[0].size == (32, 32)
+    assert [i.info["prompt"] for i in images] == ["p", "p", "q", "q"]
+    assert images[1].info["seed"] == 1 and images[1].info["negative_prompt"] == "neg"
+    arr = pipe("p", steps=2, seed=1, output_type="np")
+    assert arr.dtype == np.float32 and arr.shape == (1, 32, 32, 3) and 0 <= arr.min() and arr.max() <= 1
+    assert np.array_equal(np.asarray(pipe("p", steps=2, seed=1)[0]), (arr[0] * 255).round().astype(np.uint8))
+
+
+def test_null_prompt_encoded_once_per_call(saved, monkeypatch):
+    pipe = Pipeline.from_pretrained(saved["sd1"]["ldm"])
+    calls = []
+    forward = pipe.text_encoder.forward
+    monkeypatch.setattr(pipe.text_encoder, "forward", lambda tokens: calls.append(tokens.shape[0]) or forward(tokens))
+    pipe(["a", "b", "c"], steps=5, seed=0, output_type="latent")
+    assert calls == [3, 1]  # the prompts, then "" once — not per step, not per image
+
+
+def test_long_prompt_truncated_with_one_warning(saved):
+    with pytest.warns(UserWarning, match="dropped") as record:
+        saved["sd1"]["pipe"]("word " * 100, steps=1, seed=0, output_type="latent")
+    assert len([w for w in record if "dropped" in str(w.message)]) == 1
+
+
+def test_nan_latents_raise_instead_of_black_image(saved):
+    pipe = Pipeline.from_pretrained(saved["sd1"]["ldm"])
+    with torch.no_grad():
+        pipe.unet.out[2].bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="NaN"):
+        pipe("a", steps=3, seed=0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(height=31), "height must be a positive multiple of 2, got 31; the nearest valid sizes are 30 and 32"),
+    (dict(width=33), "nearest valid sizes are 32 and 34"),
+    (dict(steps=0), "steps must be an integer"),
+    (dict(guidance_scale=-1.0), "guidance_scale must be a finite number"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+    (dict(prompt=[]), "empty list"),
+    (dict(prompt=["a", "b"], negative_prompt=["x", "y", "z"]), "2 prompts but 3 negative prompts"),
+    (dict(sampler="plms"), "choose one of ddpm, ddim, euler"),
+    (dict(latents=torch.zeros(1, 4, 8, 8)), r"latents must have shape \(1, 4, 16, 16\)"),
+    (dict(output_type="tensor"), "output_type must be one of"),
+])
+def test_bad_input_is_refused_before_work(saved, kwargs, match):
+    pipe = Pipeline.from_pretrained(saved["sd1"]["ldm"])
+    pipe.model.model.diffusion_model = None  # any UNet call would fail with a different error
+    kwargs = {"prompt": "a", "steps": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        pipe(**kwargs)
+
+
+def test_prompt_type_error(saved):
+    with pytest.raises(TypeError, match="string or a list of strings"):
+        saved["sd1"]["pipe"](123)
