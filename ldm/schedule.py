@@ -50,6 +50,7 @@ def alphas_cumprod(cfg: ScheduleConfig) -> torch.Tensor:
 
 
 def check_prediction_type(prediction_type: str) -> None:
+    """Raise ValueError naming the known prediction types."""
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction_type {prediction_type!r}; "
                          f"choose one of {', '.join(PREDICTION_TYPES)}")

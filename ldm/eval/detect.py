@@ -149,44 +149,41 @@ def features(alpha: np.ndarray) -> tuple[np.ndarray, dict]:
 
 
 @lru_cache(maxsize=1)
-def _prototypes() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Features of each shape rendered at a range of pixel extents and edge blurs.
+def _prototypes() -> np.ndarray:
+    """Features of each shape rendered at a range of sizes and Gaussian blurs: [S, B, E, F+2].
 
-    Returns extents [E], measured edge blur [E, B] and features [E, B, S, F].
+    The last two columns are the measured pixel extent and edge blur, by which `classify_shape`
+    interpolates, so prototypes match the object's own resolution and sharpness.
     """
     from ldm.data.scenes import Scene, SceneObject, render
-    extents, blurs, table = [], [], []
-    for canvas in _CANVASES:
-        images = {shape: render(Scene((SceneObject(shape, "red", "large", 1, None, ((0.5, 0.5),)),),
-                                      "beige"), canvas) for shape in SHAPES}
-        b_row, f_row = [], []
-        for sigma in _BLURS:
-            comps = [_components(to_array(img.filter(ImageFilter.GaussianBlur(sigma))))[0]
-                     for img in images.values()]
-            b_row.append(np.mean([geo["blur"] for _, geo, _ in comps]))
-            f_row.append([vec for vec, _, _ in comps])
-        extents.append(0.3 * canvas)
-        blurs.append(b_row)
-        table.append(f_row)
-    return np.array(extents), np.array(blurs), np.array(table)
+    table = np.zeros((len(SHAPES), len(_BLURS), len(_CANVASES), len(_FEATURE_SCALE) + 2))
+    for e, canvas in enumerate(_CANVASES):
+        for s, shape in enumerate(SHAPES):
+            scene = Scene((SceneObject(shape, "red", "large", 1, None, ((0.5, 0.5),)),), "beige")
+            image = render(scene, canvas)
+            for b, sigma in enumerate(_BLURS):
+                vec, geo, _ = _components(to_array(image.filter(ImageFilter.GaussianBlur(sigma))))[0]
+                table[s, b, e] = np.concatenate([vec, [geo["extent"], geo["blur"]]])
+    return table
 
 
-def _interp(xs: np.ndarray, x: float) -> tuple[int, float]:
+def _lerp(xs: np.ndarray, x: float, rows: np.ndarray) -> np.ndarray:
+    """Linear interpolation of `rows` (one per sorted x in xs) at x, clamped at the ends."""
     i = int(np.clip(np.searchsorted(xs, x), 1, len(xs) - 1))
-    return i, float(np.clip((x - xs[i - 1]) / (xs[i] - xs[i - 1]), 0, 1))
+    t = float(np.clip((x - xs[i - 1]) / max(xs[i] - xs[i - 1], 1e-6), 0, 1))
+    return (1 - t) * rows[i - 1] + t * rows[i]
 
 
 def classify_shape(vec: np.ndarray, extent_px: float, blur: float) -> tuple[str | None, float]:
     """Nearest shape prototype at the object's pixel extent and edge blur, and its distance."""
-    extents, blurs, table = _prototypes()
-    i, t = _interp(extents, extent_px)
-    b_at = (1 - t) * blurs[i - 1] + t * blurs[i]
-    k, u = _interp(b_at, blur)
-    at = (1 - t) * table[i - 1] + t * table[i]
-    protos = (1 - u) * at[k - 1] + u * at[k]
-    dist = np.sqrt((((protos - vec) / _FEATURE_SCALE) ** 2).sum(axis=1))
+    dist = []
+    for per_blur in _prototypes():
+        at_extent = np.array([_lerp(rows[:, -2], extent_px, rows) for rows in per_blur])
+        order = np.argsort(at_extent[:, -1])
+        proto = _lerp(at_extent[order, -1], blur, at_extent[order])[:-2]
+        dist.append(float(np.sqrt((((proto - vec) / _FEATURE_SCALE) ** 2).sum())))
     best = int(np.argmin(dist))
-    return (SHAPES[best] if dist[best] <= MAX_SHAPE_DISTANCE else None), float(dist[best])
+    return (SHAPES[best] if dist[best] <= MAX_SHAPE_DISTANCE else None), dist[best]
 
 
 def _dilate(mask: np.ndarray) -> np.ndarray:
@@ -231,7 +228,7 @@ def _components(arr: np.ndarray, min_area: float = 0.0):
             colour = np.median(arr[core], axis=0)
             direction = colour - bg
             alpha = ((arr - bg) @ direction) / max(float(direction @ direction), 1e-6)
-            alpha = np.clip(alpha, 0, 1) * _dilate(_dilate(part))
+            alpha = np.clip((alpha - 0.2) / 0.6, 0, 1) * _dilate(_dilate(part))  # drop noise floor
             ys, xs = np.nonzero(alpha > 0)
             box = alpha[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
             vec, geo = features(box)
