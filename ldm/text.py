@@ -7,6 +7,7 @@ Each encoder has `.tokenize(list[str]) -> LongTensor[B, L]`, `forward(tokens) ->
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import math
 import unicodedata
@@ -15,8 +16,6 @@ from pathlib import Path
 
 import regex
 import torch
-from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transformer import QuickGELU, TextTransformer
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
 
@@ -31,9 +30,14 @@ _WORD_RE = regex.compile(
 
 
 @functools.lru_cache(maxsize=1)
-def _bpe() -> SimpleTokenizer:
-    """open_clip's BPE over the vocabulary it ships (`bpe_simple_vocab_16e6.txt.gz`)."""
-    return SimpleTokenizer()
+def _bpe():
+    """open_clip's SimpleTokenizer over the vocabulary it ships (`bpe_simple_vocab_16e6.txt.gz`).
+    Its module is loaded on its own: `import open_clip` pulls in its model zoo (~2 s at start-up)."""
+    (root,) = importlib.util.find_spec("open_clip").submodule_search_locations
+    spec = importlib.util.spec_from_file_location("_open_clip_tokenizer", Path(root) / "tokenizer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SimpleTokenizer()
 
 
 def _warn_truncated(prompts: list[str], lengths: list[int], max_length: int) -> None:
@@ -178,7 +182,8 @@ class CLIPTextEncoder(_TextEncoder):
         return self.transformer.final_layer_norm(out.hidden_states[-2])  # SD2: penultimate + final LN
 
 
-def _openclip_text_tower(cfg: TextEncoderConfig) -> TextTransformer:
+def _openclip_text_tower(cfg: TextEncoderConfig):
+    from open_clip.transformer import QuickGELU, TextTransformer
     acts = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
     if cfg.hidden_act not in acts:
         raise ValueError(f"openclip hidden_act must be one of {sorted(acts)}, got {cfg.hidden_act!r}")

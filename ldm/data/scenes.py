@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from ldm.eval.prompts import BACKGROUNDS, COLOURS, INVERSE, SHAPES, parse
 
 KINDS = ("single", "colour", "position", "counting", "two_objects")
-EXTENT = {"small": 0.2, "large": 0.3}  # bounding-box side as a fraction of the image side
+EXTENT = {"small": 0.19, "large": 0.27}  # bounding-box side as a fraction of the image side
 HELD_OUT = (("red", "star"), ("orange", "ring"), ("yellow", "heart"), ("green", "triangle"),
             ("cyan", "cross"), ("blue", "diamond"), ("purple", "circle"), ("pink", "square"),
             ("brown", "ring"))

@@ -17,7 +17,7 @@ from ldm.eval.prompts import BACKGROUNDS, COLOURS, SHAPES
 FG_THRESHOLD = 40.0      # RGB distance from the background that counts as foreground
 MIN_AREA = 0.004         # components smaller than this fraction of the image are noise
 MAX_SHAPE_DISTANCE = 40.0  # prototype distance above which a blob is no known shape
-SMALL_LARGE = 0.25       # bounding-box side (fraction of the image) between small and large
+SMALL_LARGE = 0.23       # bounding-box side (fraction of the image) between small and large
 _FEATURE_SCALE = np.array([0.05, 0.05, 0.04, 0.03, 0.08])  # fill, solidity, hole, ymass, aspect
 _CANVASES = (28, 34, 40, 47, 54, 64, 78, 94, 112, 134, 160)  # calibration images (extent 0.3x)
 _BLURS = (0.0, 0.7, 1.4, 2.2, 3.0)                               # calibration Gaussian blurs (px)

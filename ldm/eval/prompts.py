@@ -12,11 +12,11 @@ from dataclasses import dataclass, replace
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "orange": (255, 128, 0), "yellow": (250, 225, 40),
     "green": (40, 170, 50), "cyan": (0, 200, 220), "blue": (30, 70, 230),
-    "purple": (130, 50, 180), "pink": (255, 120, 190), "brown": (140, 80, 30),
+    "purple": (130, 50, 180), "pink": (255, 80, 170), "brown": (160, 95, 35),
 }
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
-    "light grey": (200, 200, 200), "dark grey": (64, 64, 64),
-    "beige": (230, 205, 150), "navy": (20, 30, 80),
+    "light grey": (200, 200, 200), "dark grey": (50, 50, 50),
+    "beige": (235, 215, 170), "navy": (20, 30, 80),
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "ring", "heart")
 SIZES = ("small", "large")
