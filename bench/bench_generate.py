@@ -13,19 +13,16 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 
 
 def build(preset: str):
-    """Our pipeline with random weights and the same weights in a diffusers StableDiffusionPipeline."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    from ldm import LatentDiffusion, Pipeline, checkpoint, convert, text
+    """Our pipeline with random weights, and the same weights in a diffusers StableDiffusionPipeline."""
+    from ldm import LatentDiffusion, Pipeline
     from ldm.config import PRESETS
+    from ldm.interop import to_diffusers
     torch.manual_seed(0)
     cfg = PRESETS[preset]()
     model = LatentDiffusion(cfg).eval()
@@ -33,23 +30,7 @@ def build(preset: str):
         for p in model.parameters():  # the zero-initialised layers too, so every path computes
             p.normal_(0, 0.02)
     ours = Pipeline(model)
-    sd = model.state_dict()
-    unet = UNet2DConditionModel.from_config(checkpoint.unet_config_to_diffusers(cfg.unet, cfg.latent_size))
-    unet.load_state_dict(convert.unet_to_diffusers(checkpoint._split(sd, checkpoint.UNET), cfg.unet))
-    vae = AutoencoderKL.from_config(checkpoint.vae_config_to_diffusers(cfg.autoencoder, cfg.sample_size))
-    vae.load_state_dict(convert.vae_to_diffusers(checkpoint._split(sd, checkpoint.VAE), cfg.autoencoder))
-    te = CLIPTextModel(text.hf_config_of(cfg.text_encoder))
-    te.load_state_dict({k.removeprefix("transformer."): v for k, v in checkpoint._split(sd, checkpoint.TEXT).items()})
-    with tempfile.TemporaryDirectory() as tmp:
-        text.save_hf_tokenizer(tmp)
-        tokenizer = CLIPTokenizer.from_pretrained(tmp)
-    sched = DDIMScheduler(**{k: v for k, v in checkpoint.schedule_to_diffusers(cfg.schedule).items()
-                             if not k.startswith("_")})
-    ref = StableDiffusionPipeline(unet=unet.eval(), vae=vae.eval(), text_encoder=te.eval(), tokenizer=tokenizer,
-                                  scheduler=sched, safety_checker=None, feature_extractor=None,
-                                  requires_safety_checker=False)
-    ref.set_progress_bar_config(disable=True)
-    return cfg, ours, ref
+    return cfg, ours, to_diffusers(ours)
 
 
 def tasks(cfg, ours, ref, steps: int):

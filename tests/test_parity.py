@@ -120,3 +120,23 @@ def test_diffusers_made_models_load_into_ldm(tmp_path):
     tokens = pipe.text_encoder.tokenize(["a blue ring"])
     with torch.no_grad():
         assert rel_err(pipe.text_encoder(tokens), text(tokens).last_hidden_state) < TOL
+
+
+@pytest.mark.slow
+def test_full_sd15_size_parity():
+    """The real SD1.5 architecture (859M-parameter UNet) on random weights: UNet, VAE, text."""
+    from ldm.config import sd15
+    from ldm.interop import to_diffusers
+    from tiny_models import random_model
+    pipe = Pipeline(random_model(sd15()))
+    ref = to_diffusers(pipe)
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 77, 768, generator=g)
+    with torch.no_grad():
+        a = pipe.unet(x, torch.tensor([321]), ctx)
+        b = ref.unet(x, torch.tensor([321]), encoder_hidden_states=ctx).sample
+        assert rel_err(a, b) < TOL
+        z = torch.randn(1, 4, 16, 16, generator=g)
+        assert rel_err(pipe.vae.decode(z), ref.vae.decode(z).sample) < TOL
+        tokens = pipe.text_encoder.tokenize(["a photograph of an astronaut riding a horse"])
+        assert rel_err(pipe.text_encoder(tokens), ref.text_encoder(tokens).last_hidden_state) < TOL

@@ -1,0 +1,30 @@
+"""In-memory hand-over to diffusers: the same weights as a `diffusers.StableDiffusionPipeline`,
+without writing a folder. Used to compare against the reference (tests, bench/)."""
+import tempfile
+
+from . import checkpoint, convert, text
+
+
+def to_diffusers(pipe):
+    """A diffusers StableDiffusionPipeline (DDIM scheduler) holding copies of `pipe`'s weights."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    cfg, sd = pipe.config, pipe.model.state_dict()
+    unet = UNet2DConditionModel.from_config(checkpoint.unet_config_to_diffusers(cfg.unet, cfg.latent_size))
+    unet.load_state_dict(convert.unet_to_diffusers(checkpoint._split(sd, checkpoint.UNET), cfg.unet))
+    vae = AutoencoderKL.from_config(checkpoint.vae_config_to_diffusers(cfg.autoencoder, cfg.sample_size))
+    vae.load_state_dict(convert.vae_to_diffusers(checkpoint._split(sd, checkpoint.VAE), cfg.autoencoder))
+    te_sd, _ = checkpoint._text_to_diffusers(checkpoint._split(sd, checkpoint.TEXT), cfg.text_encoder)
+    te = CLIPTextModel(text.hf_config_of(cfg.text_encoder))
+    te.load_state_dict({k.removeprefix("text_model."): v for k, v in te_sd.items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        text.save_hf_tokenizer(tmp, cfg.text_encoder.pad_with, cfg.text_encoder.max_length)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    scheduler = DDIMScheduler(**{k: v for k, v in checkpoint.schedule_to_diffusers(cfg.schedule).items()
+                                 if not k.startswith("_")})
+    ref = StableDiffusionPipeline(unet=unet.eval(), vae=vae.eval(), text_encoder=te.eval(), tokenizer=tokenizer,
+                                  scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                  requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    return ref.to(device=pipe.device, dtype=pipe.dtype)
