@@ -20,9 +20,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from accelerate import (Accelerator, DataLoaderConfiguration, GradientAccumulationPlugin, PartialState,
-                        init_empty_weights)
-from accelerate.utils import set_seed
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState, init_empty_weights
+from accelerate.utils import GradientAccumulationPlugin, set_seed
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
@@ -86,9 +85,10 @@ def sample_grid(model: LatentDiffusion, cfg: TrainConfig, resolution: int, devic
 
 def main(argv=None) -> None:
     args, overrides = parse_cli(argv, __doc__, extra=("vae",))
-    read_init = functools.lru_cache(maxsize=1)(checkpoint.load)  # read once: config check, then weights
+    # read once: for the config check, then for the weights
+    read_init = functools.lru_cache(maxsize=1)(functools.partial(checkpoint.load, allow_pickle=args.allow_pickle))
     cfg = load_train_config(TrainConfig, args.config, overrides, args.init, lambda p: read_init(p)[0])
-    vae_cfg, vae_sd = ts.load_autoencoder(cfg.vae) if cfg.vae else (None, None)
+    vae_cfg, vae_sd = ts.load_autoencoder(cfg.vae, args.allow_pickle) if cfg.vae else (None, None)
     if vae_cfg is not None:
         cfg = replace(cfg, model=replace(cfg.model, autoencoder=vae_cfg))
     resolution = cfg.data.resolution or cfg.model.sample_size
@@ -145,9 +145,10 @@ def main(argv=None) -> None:
 
     # -- data -------------------------------------------------------------------------------------
     if cfg.data.cache_latents:
-        key = hashlib.sha256(repr((resolution, cfg.data.random_flip, [(str(i.path), i.path.stat().st_mtime_ns)
-                             for i in train_items], ts.state_hash(model.first_stage_model.state_dict()))).encode())
-        cache = out / "latents" / f"{key.hexdigest()[:16]}.npy"
+        # a new autoencoder, resolution, flip setting or image file gets a new cache
+        fingerprint = [resolution, cfg.data.random_flip, ts.state_hash(model.first_stage_model.state_dict())]
+        fingerprint += [(str(i.path), i.path.stat().st_mtime_ns) for i in train_items]
+        cache = out / "latents" / f"{hashlib.sha256(repr(fingerprint).encode()).hexdigest()[:16]}.npy"
         if main_process and not cache.is_file():
             say(f"caching latents of {len(train_items)} images in {cache}")
 
@@ -187,16 +188,20 @@ def main(argv=None) -> None:
         if main_process:
             ts.trim_jsonl(log_path, step)
         say(f"resumed from {last} at step {step}")
-    elif main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        log_path.write_text("")
+    else:
+        if args.resume:
+            say(f"no checkpoint in {ckpt_dir}: starting from step 0")
+        if main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            log_path.write_text("")
     if accelerator.log_with:
         accelerator.init_trackers("train_ldm")
     ts.write_test_hash("start", model.state_dict(), accelerator.process_index)
 
     # -- the loop ---------------------------------------------------------------------------------
     ac = alphas_cumprod(cfg.model.schedule).to(device)                        # (T,) float64
-    T, scale, pt = cfg.model.schedule.num_train_timesteps, cfg.model.autoencoder.scale_factor, cfg.model.schedule.prediction_type
+    T, pt = cfg.model.schedule.num_train_timesteps, cfg.model.schedule.prediction_type
+    scale = cfg.model.autoencoder.scale_factor
     data = ts.batches(accelerator, loader, position)
     pbar = tqdm(total=cfg.max_steps, initial=step, disable=not main_process, desc="train_ldm", dynamic_ncols=True)
     t_last, step_last = time.perf_counter(), step
@@ -207,12 +212,11 @@ def main(argv=None) -> None:
             position += 1
             skipped += int(batch["skipped"])
             with accelerator.accumulate(denoiser):
-                with torch.no_grad():
+                with torch.no_grad(), accelerator.autocast():  # the frozen parts
                     if "moments" in batch:
                         z0 = DiagonalGaussian(batch["moments"]).sample() * scale         # (B, C, h, w)
                     else:
-                        with accelerator.autocast():
-                            z0 = model.encode_first_stage(batch["x"])                  # (B, C, h, w)
+                        z0 = model.encode_first_stage(batch["x"])                      # (B, C, h, w)
                     context = None if text_trainable else model.cond_stage_model(batch["tokens"])  # (B, L, D)
                 z0 = z0.float()
                 noise = torch.randn_like(z0)

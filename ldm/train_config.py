@@ -5,7 +5,6 @@ the `model:` section; a config that does not fit the `--init` checkpoint is an e
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
@@ -41,7 +40,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class RunConfig:
     """Fields both scripts share."""
-    model_preset: str = "tiny"       # preset name (sd15, sd21, sd21-base, tiny) or an LDMConfig YAML; "": --init's config
+    model_preset: str = "tiny"       # a preset (sd15, sd21, sd21-base, tiny) or LDMConfig YAML; "": --init's own
     init: str = ""                   # start from these weights (anything Pipeline.from_pretrained loads)
     out_dir: str = "out/train"
     seed: int = 0
@@ -174,6 +173,8 @@ def parse_cli(argv=None, description: str = "", extra: tuple[str, ...] = ()):
     p.add_argument("--config", help="training YAML, e.g. configs/train_tiny.yaml")
     p.add_argument("--init", help="start from these weights (our .safetensors, an SD file, a diffusers folder)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="let --init/--vae read pickle files (.ckpt), which can run code when loaded")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=1e-4 (repeatable)")
     for name in extra:
@@ -187,7 +188,3 @@ def parse_cli(argv=None, description: str = "", extra: tuple[str, ...] = ()):
         if getattr(args, name) is not None:
             args.overrides.append(f"{name}={getattr(args, name)!r}")
     return args, args.overrides
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)

@@ -13,8 +13,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from . import checkpoint
 from .config import AutoencoderConfig, from_dict
 
@@ -140,7 +138,7 @@ def save_autoencoder(sd: dict, cfg: AutoencoderConfig, path: str | Path) -> None
                                  {"format": "pt", "autoencoder_config": json.dumps(asdict(cfg))})
 
 
-def load_autoencoder(path: str | Path) -> tuple[AutoencoderConfig, dict]:
+def load_autoencoder(path: str | Path, allow_pickle: bool = False) -> tuple[AutoencoderConfig, dict]:
     """(config, weights without prefix) from a save_autoencoder file, or the autoencoder of any
     model checkpoint.load reads (ours, an original SD file, a diffusers folder)."""
     path = Path(path)
@@ -149,7 +147,7 @@ def load_autoencoder(path: str | Path) -> tuple[AutoencoderConfig, dict]:
         if "autoencoder_config" in meta:
             cfg = from_dict(AutoencoderConfig, json.loads(meta["autoencoder_config"]))
             return cfg, {k[len(VAE_PREFIX):]: v for k, v in tensors.items() if k.startswith(VAE_PREFIX)}
-    cfg, sd = checkpoint.load(path)
+    cfg, sd = checkpoint.load(path, allow_pickle=allow_pickle)
     return cfg.autoencoder, {k[len(VAE_PREFIX):]: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
 
 

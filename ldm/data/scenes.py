@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 import random
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -70,12 +71,15 @@ def _cells_for(obj: SceneObject, free: list, rng: random.Random) -> list:
     return band[:obj.count]
 
 
-def _relation_cells(rel: str, rng: random.Random):
-    pairs = [(a, b) for a in _ALL_CELLS for b in _ALL_CELLS
+def _relation_cells(objects, rel: str, rng: random.Random):
+    allowed = [_BANDS[o.position] if o.position else _ALL_CELLS for o in objects]
+    pairs = [(a, b) for a in allowed[0] for b in allowed[1]
              if (rel == "left_of" and a[1] == b[1] and a[0] < b[0])
              or (rel == "right_of" and a[1] == b[1] and a[0] > b[0])
              or (rel == "above" and a[0] == b[0] and a[1] < b[1])
              or (rel == "below" and a[0] == b[0] and a[1] > b[1])]
+    if not pairs:
+        raise ValueError(f"positions {[o.position for o in objects]} contradict relation {rel}")
     return rng.choice(pairs)
 
 
@@ -85,8 +89,8 @@ def layout(objects, relation: str | None, rng: random.Random) -> tuple[SceneObje
     if relation is not None:
         if len(objects) != 2 or any(o.count != 1 for o in objects):
             raise ValueError("a relation needs exactly two single objects")
-        cells = _relation_cells(relation, rng)
-        return tuple(replace(o, position=None, centres=(_cell_centre(c, o.size, rng),))
+        cells = _relation_cells(objects, relation, rng)
+        return tuple(replace(o, centres=(_cell_centre(c, o.size, rng),))
                      for o, c in zip(objects, cells))
     if len(objects) == 1 and objects[0].count == 1 and objects[0].position is None:
         margin = EXTENT[objects[0].size] / 2 + 0.03
@@ -96,7 +100,8 @@ def layout(objects, relation: str | None, rng: random.Random) -> tuple[SceneObje
     for obj in objects:
         cells = _cells_for(obj, free, rng)
         if len(cells) < obj.count:
-            raise ValueError(f"cannot place {obj.count} {obj.shape}(s) at {obj.position or 'any cell'}")
+            where = obj.position or "any free cell"
+            raise ValueError(f"cannot place {obj.count} {obj.shape}(s) at {where}")
         free = [c for c in free if c not in cells]
         out.append(replace(obj, centres=tuple(_cell_centre(c, obj.size, rng) for c in cells)))
     return tuple(out)
@@ -191,8 +196,9 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, colour, cx, cy, s, bg) -> None:
 
 def render(scene: Scene, size: int = 64) -> Image.Image:
     """Render `scene` as a `size` x `size` RGB image (drawn at 4x, downsampled with LANCZOS)."""
-    if not isinstance(size, int) or size < 8:
+    if not isinstance(size, numbers.Integral) or size < 8:
         raise ValueError(f"size must be an int >= 8, got {size!r}")
+    size = int(size)
     big = 4 * size
     bg = BACKGROUNDS[scene.background]
     img = Image.new("RGB", (big, big), bg)
@@ -230,13 +236,13 @@ def _noun_phrase(obj: SceneObject, rng: random.Random, colour_after: bool = Fals
     noun = obj.shape + ("es" if obj.shape == "cross" else "s") if obj.count > 1 else obj.shape
     if colour_after:
         head = f"{size}{noun}"
-        tail = rng.choice((" that is {}", " coloured {}", " colored {}", " in {}")).format(obj.colour)
+        tail = rng.choice((" that is ", " coloured ", " colored ", " in ")) + obj.colour
     else:
         head, tail = f"{size}{obj.colour} {noun}", ""
     if obj.count > 1:
         return f"{_NUMBER[obj.count]} {head}{tail}"
-    det = rng.choice((_article(head), _article(head), _article(head), "one", "a single"))
-    return f"{det} {head}{tail}"
+    det = rng.choice((_article(head), _article(head), _article(head), "one", "a single", ""))
+    return f"{det} {head}{tail}".lstrip()
 
 
 def _background_phrase(scene: Scene, rng: random.Random) -> str:
@@ -248,12 +254,15 @@ def _background_phrase(scene: Scene, rng: random.Random) -> str:
 def caption(scene: Scene, rng: random.Random) -> str:
     """A natural-language caption of `scene`; phrasing varies with `rng`."""
     objs, lead = scene.objects, ""
+    prefix = rng.choice(_PREFIX + ("there is ",))
+    if prefix == "there is " and objs[0].count > 1:
+        prefix = "there are "
     if scene.relation is not None:
         a, b, rel = objs[0], objs[1], scene.relation
         if rng.random() < 0.5:
             a, b, rel = b, a, INVERSE[rel]
-        link = rng.choice(("", "", " is")) + " " + rng.choice(_REL[rel]) + " "
-        text = _noun_phrase(a, rng) + link + _noun_phrase(b, rng)
+        verb = " is" if not prefix and rng.random() < 0.3 else ""
+        text = f"{_noun_phrase(a, rng)}{verb} {rng.choice(_REL[rel])} {_noun_phrase(b, rng)}"
     elif len(objs) == 2:
         text = _noun_phrase(objs[0], rng) + rng.choice((" and ", " and ", " with ")) \
             + _noun_phrase(objs[1], rng)
@@ -263,14 +272,11 @@ def caption(scene: Scene, rng: random.Random) -> str:
         if obj.position is not None:
             pos = rng.choice(_POS[obj.position])
             if rng.random() < 0.2:
-                lead = pos + ", "
+                lead, prefix = pos + ", ", prefix if prefix.startswith("there") else ""
             else:
                 text = f"{text} {pos}"
     if scene.kind == "colour" or (scene.kind != "single" and rng.random() < 0.25):
         text += _background_phrase(scene, rng)
-    prefix = rng.choice(_PREFIX + ("there is ",))
-    if prefix == "there is " and objs[0].count > 1:
-        prefix = "there are "
     text = lead + prefix + text
     if rng.random() < 0.5:
         text = text[0].upper() + text[1:]
@@ -344,9 +350,11 @@ def main(argv=None) -> int:
 def eval_prompts_file() -> str:
     """Text of configs/eval_prompts.txt (header comments + one prompt per line)."""
     combos = ", ".join(f"{c} {s}" for c, s in HELD_OUT)
-    header = ("# Fixed eval prompts: `python -m ldm.data.scenes --eval-prompts configs/eval_prompts.txt`"
-              f"\n# Held out of training (write_imagefolder default): {combos}\n"
-              "# Every prompt names at least one held-out combination; 50 per category.\n")
+    header = ("# Fixed eval prompts, generated once by `python -m ldm.data.scenes --eval-prompts "
+              "configs/eval_prompts.txt` (eval_prompts(seed=2024)).\n"
+              f"# Held out of training (write_imagefolder default): {combos}\n"
+              "# Every prompt names at least one held-out (colour, shape); 50 per category "
+              "(single, colour = object + background, position, counting, two_objects).\n")
     return header + "\n".join(eval_prompts()) + "\n"
 
 

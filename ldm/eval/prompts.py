@@ -45,7 +45,7 @@ _SHAPE_WORDS = {s: s for s in SHAPES} | {
     "doughnut": "ring", "donuts": "ring", "hearts": "heart"}
 _COLOUR_WORDS = {c: c for c in COLOURS} | {"violet": "purple", "turquoise": "cyan"}
 _BG_WORDS = {"light_grey": "light grey", "dark_grey": "dark grey", "beige": "beige",
-             "navy": "navy", "grey": None}
+             "navy": "navy"}
 _SIZE_WORDS = {"small": "small", "little": "small", "tiny": "small", "large": "large",
                "big": "large", "huge": "large"}
 _POSITION_WORDS = {"left": "left", "right": "right", "top": "top", "upper": "top",
@@ -115,7 +115,7 @@ def _background(tokens: list[str]) -> tuple[str | None, set[int]]:
         near = [j for j in (i - 1, i - 2, i + 2, i + 3) if 0 <= j < len(tokens)]
         for j in near:
             word = tokens[j]
-            if word in _BG_WORDS and _BG_WORDS[word] is not None:
+            if word in _BG_WORDS:
                 return _BG_WORDS[word], {i, j}
             if word in _COLOUR_WORDS or word in ("white", "black", "grey"):
                 raise ValueError(f"unsupported background colour {word!r}; "

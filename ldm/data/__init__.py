@@ -1,0 +1,1 @@
+"""Datasets: procedurally rendered captioned scenes (`ldm.data.scenes`) and dataset classes."""

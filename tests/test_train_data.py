@@ -1,0 +1,167 @@
+"""ldm.data.images (captions, transforms, corrupt files, bad input, held-out split, condition
+dropout) and ldm.train_config (strict YAML, overrides, fitting an --init checkpoint)."""
+import json
+import random
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader
+
+from ldm.config import tiny
+from ldm.data.images import (ImageCaptionDataset, caption_collate, load_image, scan_folder,
+                             split_holdout)
+from ldm.train_config import TrainConfig, VAETrainConfig, load_train_config
+
+
+def make_image(path, size=(40, 40), colour=(200, 40, 40)):
+    im = Image.new("RGB", size, (240, 240, 240))
+    ImageDraw.Draw(im).rectangle((2, 2, size[0] // 3, size[1] - 3), fill=colour)  # left-heavy: flips show
+    im.save(path)
+
+
+def make_folder(root, n=6, size=(40, 40), captions="jsonl", column="text"):
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        make_image(root / f"img{i}.png", size, (40 * i % 255, 100, 200))
+        if captions == "jsonl":
+            rows.append({"file_name": f"img{i}.png", column: f"caption {i}"})
+        elif captions == "txt":
+            (root / f"img{i}.txt").write_text(f"caption {i}\n")
+    if rows:
+        (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_captions_from_metadata_column_and_sidecars(tmp_path):
+    make_folder(tmp_path / "d", n=3, captions="jsonl", column="prompt")
+    make_image(tmp_path / "d" / "sub_extra.png")
+    (tmp_path / "d" / "sub_extra.txt").write_text("  from a sidecar \n")
+    report = scan_folder(tmp_path / "d", 32, caption_column="prompt")
+    assert {i.path.name: i.caption for i in report.items} == {
+        "img0.png": "caption 0", "img1.png": "caption 1", "img2.png": "caption 2", "sub_extra.png": "from a sidecar"}
+    with pytest.raises(ValueError, match=r"no caption column 'text' \(it has: prompt\).*caption_column"):
+        scan_folder(tmp_path / "d", 32)
+
+
+def test_transforms_resize_crop_flip(tmp_path):
+    make_image(tmp_path / "wide.png", size=(64, 40))
+    x = load_image(tmp_path / "wide.png", 32, True, False, random.Random(0))
+    assert x.shape == (3, 32, 32) and -1.0 <= x.min() < x.max() <= 1.0
+    flipped = load_image(tmp_path / "wide.png", 32, True, True, random.Random(1))  # Random(1) flips first
+    assert random.Random(1).random() < 0.5 and torch.allclose(flipped, x.flip(-1))
+    crops = {tuple(load_image(tmp_path / "wide.png", 32, False, False, random.Random(s))[0, 5, :].tolist())
+             for s in range(8)}
+    assert len(crops) > 1, "random crops should move across the 51 px wide resized image"
+    report = scan_folder(make_folder(tmp_path / "d", n=2), 32)
+    ds = ImageCaptionDataset(report.items, 32, center_crop=True, random_flip=True, seed=0)
+    draws = {bool(torch.equal(ds[0]["x"], ds[0]["x"].flip(-1))) for _ in range(2)}
+    assert len(draws) == 1, "an item's augmentation is fixed by (seed, epoch, index)"
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    root = make_folder(tmp_path / "d", n=4)
+    (root / "garbage.png").write_bytes(b"not an image at all")
+    truncated = (root / "img1.png").read_bytes()
+    (root / "img1.png").write_bytes(truncated[:len(truncated) // 2])  # header fine, data cut
+    (root / "metadata.jsonl").open("a").write(json.dumps({"file_name": "garbage.png", "text": "x"}) + "\n")
+    report = scan_folder(root, 32)
+    assert report.unreadable == ["garbage.png"]
+    assert "1 unreadable image file(s) will be skipped: garbage.png" in " ".join(report.warnings(32))
+    ds = ImageCaptionDataset(report.items, 32)
+    loader = DataLoader(ds, batch_size=2, collate_fn=caption_collate)
+    batches = list(loader)  # a whole epoch, no exception
+    assert sum(int(b["skipped"]) for b in batches) == 1
+    assert all(b["x"].shape == (2, 3, 32, 32) for b in batches)
+
+
+def test_bad_input_is_reported_before_training(tmp_path):
+    with pytest.raises(ValueError, match="does not exist: set data.path"):
+        scan_folder(tmp_path / "nope", 32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        scan_folder(tmp_path / "empty", 32)
+    root = make_folder(tmp_path / "d", n=3, captions="none")
+    (root / "img1.txt").write_text("only this one")
+    with pytest.raises(ValueError, match=r"2 of 3 images .* have no caption: img0.png, img2.png\..*allow_uncaptioned"):
+        scan_folder(root, 32)
+    report = scan_folder(root, 32, captions="optional")
+    assert report.uncaptioned == ["img0.png", "img2.png"]
+    small = scan_folder(make_folder(tmp_path / "s", n=3, size=(24, 40)), 32)
+    assert small.small == ["img0.png (24×40)", "img1.png (24×40)", "img2.png (24×40)"]
+    assert "3 image(s) are smaller than 32 px and will be upscaled" in small.warnings(32)[0]
+    assert load_image(small.items[0].path, 32, True, False, random.Random(0)).shape == (3, 32, 32)
+
+
+def test_holdout_split(tmp_path):
+    items = list(range(20))
+    train, held = split_holdout(items, 0.2, seed=0)
+    assert len(held) == 4 and sorted(train + held) == items
+    assert split_holdout(items, 0.2, seed=0) == (train, held)
+    assert split_holdout(items, 0.2, seed=1)[1] != held
+    assert len(split_holdout(items, 3)[1]) == 3 and split_holdout(items, 0)[1] == []
+    with pytest.raises(ValueError, match="none would be left"):
+        split_holdout(items, 20)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_condition_dropout_rate(p):
+    tokenize_calls = []
+    n, dropped = 0, 0
+    for b in range(500):
+        samples = [{"x": torch.zeros(1), "caption": f"c{i}", "seed": hash((0, 0, b * 8 + i)), "skipped": 0}
+                   for i in range(8)]
+        batch = caption_collate(samples, tokenize=lambda c: tokenize_calls.append(list(c)) or torch.zeros(len(c)),
+                                cond_drop=p)
+        n += len(batch["captions"])
+        dropped += sum(c == "" for c in batch["captions"])
+        assert all(c in ("", s["caption"]) for c, s in zip(batch["captions"], samples))
+    assert abs(dropped / n - p) < 0.03, f"dropped {dropped}/{n}"
+    assert tokenize_calls[-1] == batch["captions"], "the tokens are those of the dropped-out captions"
+
+
+def test_condition_dropout_extremes():
+    samples = [{"x": torch.zeros(1), "caption": "a cat", "seed": s, "skipped": 0} for s in range(50)]
+    assert caption_collate(samples, cond_drop=0.0)["captions"] == ["a cat"] * 50
+    assert caption_collate(samples, cond_drop=1.0)["captions"] == [""] * 50
+
+
+# ---------------------------------------------------------------------------------------------
+# Training configs
+
+
+def test_train_config_yaml_is_strict_and_overridable(tmp_path):
+    cfg = load_train_config(TrainConfig, "configs/train_tiny.yaml",
+                            ["optim.lr=3e-4", "--data.random_flip=True", "model.unet.use_checkpoint=True"])
+    assert cfg.optim.lr == 3e-4 and cfg.data.random_flip and cfg.model.unet.use_checkpoint
+    assert cfg.model.unet.model_channels == tiny().unet.model_channels
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_steps: 3\noptim:\n  learning_rate: 1.0e-3\n")
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) .*learning_rate for OptimConfig"):
+        load_train_config(TrainConfig, bad)
+    with pytest.raises(ValueError, match="unknown config key 'optim.lrr'"):
+        load_train_config(TrainConfig, None, ["optim.lrr=1"])
+    with pytest.raises(TypeError, match="max_steps: expected int"):
+        load_train_config(TrainConfig, None, ["max_steps='many'"])
+    for path in ("configs/train_sd15_finetune.yaml", "configs/train_sd21_finetune.yaml"):
+        assert load_train_config(TrainConfig, path).model.unet.use_checkpoint
+    vae = load_train_config(VAETrainConfig, "configs/train_vae_tiny.yaml", ["model.ch=64"])
+    assert vae.model.ch == 64 and vae.optim.betas == (0.5, 0.9)
+
+
+def test_train_config_must_fit_init_checkpoint():
+    file_cfg = tiny()
+    cfg = load_train_config(TrainConfig, None, ["model.unet.use_checkpoint=True"], init="x",
+                            read_model=lambda p: file_cfg)
+    assert cfg.model.unet == file_cfg.unet.__class__(**{**file_cfg.unet.__dict__, "use_checkpoint": True})
+    with pytest.raises(ValueError, match=r"does not fit the --init checkpoint x: model.unet.model_channels: "
+                                         r"config 64, checkpoint 32"):
+        load_train_config(TrainConfig, None, ["model.unet.model_channels=64"], init="x", read_model=lambda p: file_cfg)
+    with pytest.raises(ValueError, match="model.text_encoder.hidden_size: config 768"):
+        load_train_config(TrainConfig, None, ["model_preset=sd15"], init="x", read_model=lambda p: file_cfg)
+    own = load_train_config(TrainConfig, None, ["model_preset=''", "model.unet.use_checkpoint=True"], init="x",
+                            read_model=lambda p: file_cfg)
+    assert own.model.unet.model_channels == 32 and own.model.unet.use_checkpoint
+    with pytest.raises(ValueError, match="model_preset is empty and there is no --init"):
+        load_train_config(TrainConfig, None, ["model_preset=''"])
