@@ -296,14 +296,18 @@ def write_imagefolder(out_dir, n: int, size: int = 64, seed: int = 0, kinds=None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     allow = (lambda c, s: not held_out(c, s)) if exclude_held_out else None
+    eval_texts = {p.lower() for p in eval_prompts()}  # the eval prompts themselves are never trained on
     width = max(5, len(str(n)))
     with open(out / "metadata.jsonl", "w") as meta:
         for i in range(n):
             rng = random.Random(f"scenes:{seed}:{i}")
             scene = random_scene(rng, kinds or KINDS, allow)
+            text = caption(scene, rng)
+            if text.lower() in eval_texts:
+                continue
             name = f"{i + 1:0{width}d}.png"
             render(scene, size).save(out / name)
-            record = {"file_name": name, "text": caption(scene, rng), "scene": asdict(scene)}
+            record = {"file_name": name, "text": text, "scene": asdict(scene)}
             meta.write(json.dumps(record) + "\n")
     return out
 
