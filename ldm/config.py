@@ -131,7 +131,7 @@ def _coerce(tp, value, where: str):
     if is_dataclass(tp):
         if not isinstance(value, dict):
             raise TypeError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return from_dict(tp, value, where)
+        return from_dict(tp, value, where + "." if where else "")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

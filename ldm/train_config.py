@@ -18,6 +18,8 @@ class DataConfig:
     caption_column: str = "text"     # the metadata.jsonl key holding the caption
     allow_uncaptioned: bool = False  # train captionless images with "" instead of stopping
     resolution: int = 0              # training size in pixels; 0: the model's sample_size
+    resize: int = 0                  # shorter side before cropping; 0: `resolution`. Larger: crops at that
+                                     # scale (an f=32 autoencoder on 128-px crops of 512-px images)
     center_crop: bool = True         # False: a random crop
     random_flip: bool = False
     holdout: float = 0.0             # images kept out of training: a fraction (< 1) or a count (≥ 1)

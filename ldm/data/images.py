@@ -142,13 +142,17 @@ def split_holdout(items: list, holdout: float, seed: int = 0) -> tuple[list, lis
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
-def load_image(path: Path, resolution: int, center_crop: bool, flip: bool, rng: random.Random) -> torch.Tensor:
-    """Resize the shorter side to `resolution`, crop a square, maybe flip -> (3, R, R) in [-1, 1]."""
+def load_image(path: Path, resolution: int, center_crop: bool, flip: bool, rng: random.Random,
+               resize: int = 0) -> torch.Tensor:
+    """Resize the shorter side to `resize` (0: `resolution`), crop a square of `resolution`, maybe
+    flip -> (3, R, R) in [-1, 1]."""
     with Image.open(path) as im:
         im = im.convert("RGB")
     w, h = im.size
-    s = resolution / min(w, h)
-    im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.Resampling.BICUBIC)
+    side = max(resize, resolution)
+    s = side / min(w, h)
+    if (w, h) != (round(w * s), round(h * s)):
+        im = im.resize((max(side, round(w * s)), max(side, round(h * s))), Image.Resampling.BICUBIC)
     w, h = im.size
     left = (w - resolution) // 2 if center_crop else rng.randint(0, w - resolution)
     top = (h - resolution) // 2 if center_crop else rng.randint(0, h - resolution)
@@ -163,8 +167,8 @@ class ImageCaptionDataset(Dataset):
     """{"x": (3, R, R), "caption": str, "seed": int, "skipped": int} per item."""
 
     def __init__(self, items: list[Item], resolution: int, center_crop: bool = True,
-                 random_flip: bool = False, seed: int = 0):
-        self.items, self.resolution = items, resolution
+                 random_flip: bool = False, seed: int = 0, resize: int = 0):
+        self.items, self.resolution, self.resize = items, resolution, resize
         self.center_crop, self.random_flip, self.seed, self.epoch = center_crop, random_flip, seed, 0
 
     def __len__(self) -> int:
@@ -179,7 +183,7 @@ class ImageCaptionDataset(Dataset):
         for skipped in range(len(self.items)):
             item = self.items[(index + skipped) % len(self.items)]
             try:
-                x = load_image(item.path, self.resolution, self.center_crop, self.random_flip, rng)
+                x = load_image(item.path, self.resolution, self.center_crop, self.random_flip, rng, self.resize)
             except DECODE_ERRORS as e:
                 # a corrupt file must not end an epoch: take the next image, count the skip
                 log.warning("skipping unreadable image %s: %s", item.path, e)
