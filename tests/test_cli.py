@@ -64,3 +64,17 @@ def test_generate_in_bf16_close_to_fp32(saved, dtype):
     import torch
     low = Pipeline.from_pretrained(saved["sd1"]["ldm"], dtype=getattr(torch, dtype))("a", steps=3, seed=0, output_type="np")
     assert np.abs(fp32 - low).mean() < 0.03
+
+
+def test_eval_generates_from_a_model_and_scores(saved, tmp_path, capsys):
+    import json
+    out, report = tmp_path / "imgs", tmp_path / "r.json"
+    assert cli(["eval", "--model", str(saved["sd1"]["ldm"]), "--limit", "3", "--steps", "2",
+                "--out", str(out), "--json", str(report), "--batch", "2"]) == 0
+    result = json.loads(report.read_text())
+    assert result["n"] == 3 and 0.0 <= result["overall"] <= 1.0
+    assert len((out / "metadata.jsonl").read_text().splitlines()) == 3
+    assert "overall" in capsys.readouterr().out
+    # the saved folder scores the same when evaluated from disk
+    assert cli(["eval", "--images", str(out), "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["overall"] == result["overall"]

@@ -1,4 +1,5 @@
-"""`ldm eval`: prompt-adherence accuracy of a folder of images.
+"""`ldm eval`: prompt-adherence accuracy of a folder of images, or of a model's images for the fixed
+prompt list (configs/eval_prompts.txt; one image each, image i drawn with seed + i).
 
 DIR holds images plus a metadata.jsonl with `file_name` and `text` per line (the imagefolder
 format written by `ldm.data.scenes`). Prints per-category accuracy and overall; --json saves it.
@@ -11,7 +12,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from ldm.eval.adherence import evaluate
+from ldm.eval.adherence import evaluate, load_prompts
+
+PROMPTS = Path(__file__).resolve().parents[2] / "configs" / "eval_prompts.txt"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +23,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", help="write the results (with per-image rows)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images")
     parser.add_argument("--failures", action="store_true", help="also list the failed prompts")
+    parser.add_argument("--model", metavar="PATH", nargs="?", const="",
+                        help="generate the images with this model (no PATH: the default model)")
+    parser.add_argument("--prompts", metavar="FILE", default=str(PROMPTS), help="prompt list for --model")
+    parser.add_argument("--out", metavar="DIR", help="with --model: also save the images as an imagefolder")
+    parser.add_argument("--steps", type=int, help="with --model: sampling steps (default: the model's)")
+    parser.add_argument("--scale", type=float, help="with --model: guidance scale (default: the model's)")
+    parser.add_argument("--sampler", help="with --model: sampler (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0, help="with --model: image i uses seed + i")
+    parser.add_argument("--batch", type=int, default=8, help="with --model: images per forward")
+
+
+def generate(args) -> tuple[list[Image.Image], list[str]]:
+    """One image per prompt from the model, at its default settings unless overridden."""
+    import torch
+    from tqdm import tqdm
+
+    from ldm.pipeline import Pipeline
+    pipe = Pipeline.from_pretrained(args.model or None)
+    prompts = load_prompts(args.prompts)[: args.limit]
+    images = []
+    for i in tqdm(range(0, len(prompts), args.batch), desc="generating", unit="batch"):
+        chunk = prompts[i:i + args.batch]
+        # image i has its own seed: results don't depend on the batch size
+        latents = torch.cat([torch.randn((1, pipe.config.unet.in_channels, pipe.config.latent_size,
+                                          pipe.config.latent_size),
+                                         generator=torch.Generator().manual_seed(args.seed + i + k))
+                             for k in range(len(chunk))])
+        images += pipe(chunk, steps=args.steps, guidance_scale=args.scale, sampler=args.sampler, latents=latents)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "metadata.jsonl", "w") as f:
+            for i, (img, p) in enumerate(zip(images, prompts)):
+                img.save(out / f"{i:04d}.png")
+                f.write(json.dumps({"file_name": f"{i:04d}.png", "text": p}) + "\n")
+    return images, prompts
 
 
 def load_imagefolder(folder, limit: int | None = None) -> tuple[list[Image.Image], list[str]]:
@@ -56,9 +95,12 @@ def format_table(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not getattr(args, "images", None):
-        raise ValueError("ldm eval needs --images DIR")
-    images, prompts = load_imagefolder(args.images, getattr(args, "limit", None))
+    if getattr(args, "model", None) is not None:
+        images, prompts = generate(args)
+    elif getattr(args, "images", None):
+        images, prompts = load_imagefolder(args.images, getattr(args, "limit", None))
+    else:
+        raise ValueError("ldm eval needs --images DIR, or --model [PATH] to generate the images")
     result = evaluate(images, prompts)
     print(format_table(result))
     if getattr(args, "failures", False):
