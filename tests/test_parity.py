@@ -140,3 +140,28 @@ def test_full_sd15_size_parity():
         assert rel_err(pipe.vae.decode(z), ref.vae.decode(z).sample) < TOL
         tokens = pipe.text_encoder.tokenize(["a photograph of an astronaut riding a horse"])
         assert rel_err(pipe.text_encoder(tokens), ref.text_encoder(tokens).last_hidden_state) < TOL
+
+
+def test_class_conditional_scale_shift_unet_matches_diffusers():
+    """The seeds' other conditioning path: a class label added to the time embedding, injected
+    channel-wise as AdaGN scale/shift (diffusers: num_class_embeds, resnet_time_scale_shift)."""
+    from dataclasses import replace
+
+    from ldm.checkpoint import UNET, _split, unet_config_to_diffusers
+    from ldm.convert import unet_to_diffusers
+    from tiny_models import random_model, tiny_sd1
+    base = tiny_sd1()
+    cfg = replace(base, unet=replace(base.unet, num_classes=5, use_scale_shift_norm=True))
+    model = random_model(cfg)
+    theirs = UNet2DConditionModel.from_config(unet_config_to_diffusers(cfg.unet, 16)).eval()
+    theirs.load_state_dict(unet_to_diffusers(_split(model.state_dict(), UNET), cfg.unet))
+    x, ctx = _unet_inputs(cfg)
+    y = torch.tensor([1, 4])
+    with torch.no_grad():
+        a = model.unet(x, torch.tensor([10, 900]), ctx, y)
+        b = theirs(x, torch.tensor([10, 900]), encoder_hidden_states=ctx, class_labels=y).sample
+        other = model.unet(x, torch.tensor([10, 900]), ctx, torch.tensor([2, 2]))
+    assert rel_err(a, b) < TOL
+    assert rel_err(a, other) > 1e-3      # the label changes the output
+    with pytest.raises(ValueError, match="class-conditional"):
+        model.unet(x, torch.tensor([10, 900]), ctx)
