@@ -10,15 +10,14 @@ weights with their AutoencoderConfig, ready for `train_ldm.py --vae`."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, PartialState
-from accelerate.utils import GradientAccumulationPlugin, set_seed
+from accelerate import PartialState
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -65,23 +64,13 @@ def main(argv=None) -> None:
     train_items, val_items = split_holdout(items, cfg.data.holdout, cfg.seed)
     perceptual = load_lpips(cfg.lpips_path) if cfg.perceptual_weight > 0 else None
 
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision or None,
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.optim.grad_accum,
-                                                                sync_with_dataloader=False),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-        log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None, project_dir=cfg.out_dir)
+    accelerator = ts.make_accelerator(cfg)
     main_process, device = accelerator.is_main_process, accelerator.device
     out, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
     log_path, export = out / "log.jsonl", Path(cfg.export or out / "vae.safetensors")
     say = tqdm.write if main_process else (lambda msg: None)
     per_step = cfg.batch_size * cfg.optim.grad_accum * accelerator.num_processes
-    if len(train_items) < cfg.batch_size * accelerator.num_processes:
-        raise ValueError(f"{len(train_items)} training images, but one batch needs batch_size × processes = "
-                         f"{cfg.batch_size * accelerator.num_processes}: lower batch_size or add images")
-    if ts.list_checkpoints(ckpt_dir) and not args.resume:
-        raise ValueError(f"{ckpt_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
-                         f"or choose another out_dir")
+    ts.check_run(cfg, len(train_items), accelerator.num_processes, ckpt_dir, args.resume)
     for warning in report.warnings(resolution):
         say(f"warning: {warning}")
     if not val_items:

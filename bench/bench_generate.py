@@ -88,7 +88,7 @@ def main():
         return memory_child(args)
     cfg, ours, ref = build(args.preset)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset}\n")
-    print(f"| task | ldm (s) | diffusers (s) | ldm / diffusers |\n|---|---|---|---|")
+    print("| task | ldm (s) | diffusers (s) | ldm / diffusers |\n|---|---|---|---|")
     for name, (a, b) in tasks(cfg, ours, ref, args.steps).items():
         a(), b()  # warm-up
         ta, tb = [], []

@@ -1,7 +1,6 @@
 """Attention for the UNet: multi-head (cross-)attention through F.scaled_dot_product_attention,
 GEGLU feed-forward, BasicTransformerBlock and SpatialTransformer. Parameter names follow CompVis
 `ldm/modules/attention.py` so SD checkpoints load with strict=True."""
-import torch
 import torch.nn.functional as F
 from torch import nn
 

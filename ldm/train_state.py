@@ -24,6 +24,31 @@ VAE_PREFIX = "first_stage_model."
 # Resumable checkpoints
 
 
+def make_accelerator(cfg):
+    """The Accelerator both scripts use: accumulation by hand-marked steps, and the same shuffled
+    order on every process, fixed by (seed, epoch), which resuming mid-epoch needs."""
+    import importlib.util
+
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import GradientAccumulationPlugin
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision or None,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.optim.grad_accum,
+                                                                sync_with_dataloader=False),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None, project_dir=cfg.out_dir)
+
+
+def check_run(cfg, n_train: int, num_processes: int, ckpt_dir: Path, resume: bool) -> None:
+    """Refuse, before any work, a dataset smaller than one batch or an out_dir of another run."""
+    if n_train < cfg.batch_size * num_processes:
+        raise ValueError(f"{n_train} training images, but one batch needs batch_size × processes = "
+                         f"{cfg.batch_size * num_processes}: lower batch_size or add images")
+    if list_checkpoints(ckpt_dir) and not resume:
+        raise ValueError(f"{ckpt_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
+                         f"or choose another out_dir")
+
+
 def list_checkpoints(folder: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first. Temporary `.tmp-step-*` folders are never listed."""
     folder = Path(folder)

@@ -3,7 +3,7 @@ from dataclasses import replace
 
 import torch
 
-from ldm import LatentDiffusion, Pipeline
+from ldm import LatentDiffusion
 from ldm.config import sd21, tiny
 
 
