@@ -160,15 +160,21 @@ def from_dict(cls, d: dict, where: str = ""):
 
 
 def apply_overrides(cfg, overrides: list[str]):
-    """Apply `a.b.c=value` strings (value parsed with ast.literal_eval, else kept as a string)."""
+    """Apply `a.b.c=value` strings; values are read as YAML (true, 1e-4, [1, 2], null, text)."""
+    import yaml
     for item in overrides:
         key, sep, raw = item.lstrip("-").partition("=")
         if not sep:
             raise ValueError(f"override {item!r} must look like key.sub=value")
         try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
             value = raw
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as text
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                pass
         cfg = _set_path(cfg, key.split("."), value, key)
     return cfg
 
