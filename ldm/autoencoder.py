@@ -177,11 +177,18 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x (B, 3, H, W) in [-1, 1] -> posterior over z (B, embed_dim, H/f, W/f), unscaled."""
+        k = self.config.pixel_scale
+        if k != 1:  # (B, 3, H/k, W/k): the learned encoder sees the image k× smaller
+            x = F.interpolate(x, scale_factor=1 / k, mode="bicubic", antialias=True, align_corners=False)
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, embed_dim, h, w), unscaled -> x (B, 3, h·f, w·f) in about [-1, 1]."""
-        return self.decoder(self.post_quant_conv(z))
+        x = self.decoder(self.post_quant_conv(z))
+        k = self.config.pixel_scale
+        if k != 1:  # (B, 3, h·f, w·f): a fixed bicubic ×k after the learned decoder
+            x = F.interpolate(x, scale_factor=k, mode="bicubic", align_corners=False)
+        return x
 
     def forward(self, x, generator=None):
         posterior = self.encode(x)

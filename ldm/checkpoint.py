@@ -347,9 +347,9 @@ def vae_config_from_diffusers(d: dict) -> AutoencoderConfig:
 
 
 def vae_config_to_diffusers(cfg: AutoencoderConfig, sample_size: int) -> dict:
-    if cfg.attn_resolutions or cfg.embed_dim != cfg.z_channels:
-        raise ValueError("diffusers' AutoencoderKL has no attention outside the mid-block and "
-                         "needs embed_dim == z_channels; this autoencoder can't be exported")
+    if cfg.attn_resolutions or cfg.embed_dim != cfg.z_channels or cfg.pixel_scale != 1:
+        raise ValueError("diffusers' AutoencoderKL has no attention outside the mid-block, no "
+                         "pixel_scale and needs embed_dim == z_channels; this autoencoder can't be exported")
     n = len(cfg.ch_mult)
     return {
         "_class_name": "AutoencoderKL", "act_fn": "silu",
@@ -462,6 +462,8 @@ def save(sd: dict, cfg: LDMConfig, path: str | Path, fmt: str = "ldm",
         raise ValueError(f"unknown format {fmt!r}: use 'ldm', 'original' or 'diffusers'")
     if Path(path).suffix != ".safetensors":
         raise ValueError(f"{path}: single-file checkpoints are written as .safetensors")
+    if fmt == "original" and cfg.autoencoder.pixel_scale != 1:
+        raise ValueError("the original layout can't express autoencoder.pixel_scale: save as 'ldm'")
     meta = {"format": "pt"}
     if fmt == "ldm":
         meta["ldm_config"] = cfg.to_json()

@@ -27,10 +27,12 @@ class AutoencoderConfig:
     attn_resolutions: tuple[int, ...] = ()  # only the mid-block has attention in SD
     norm_groups: int = 32          # not in SD YAML; lets tests use tiny widths
     scale_factor: float = 0.18215  # z_unit = scale_factor * z; SD1/2 value
+    pixel_scale: int = 1           # fixed ×k antialiased resampling around the learned network: images
+                                   # k× larger than it sees (the default model: f=8 learned, 512 px out)
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
+        return 2 ** (len(self.ch_mult) - 1) * self.pixel_scale
 
 
 @dataclass(frozen=True)
