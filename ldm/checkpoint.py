@@ -77,10 +77,17 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metada
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; a saved model is not secret
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _write_json(obj: dict, path: Path) -> None:

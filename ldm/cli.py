@@ -47,10 +47,17 @@ def save_png(image, path: Path, text: dict[str, str]) -> None:
     os.close(fd)
     try:
         image.save(tmp, format="PNG", pnginfo=meta)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def output_paths(out: Path, n: int) -> list[Path]:
