@@ -169,19 +169,7 @@ def main(argv=None) -> None:
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     set_seed(cfg.seed, device_specific=True)  # different noise and timesteps on each process
-    step, position, skipped = 0, 0, 0
-    if args.resume and (last := ts.latest_checkpoint(ckpt_dir)) is not None:
-        meta = ts.load_checkpoint(accelerator, last)
-        step, position, skipped = meta["step"], meta["position"], meta["skipped"]
-        if main_process:
-            ts.trim_jsonl(log_path, step)
-        say(f"resumed from {last} at step {step}")
-    else:
-        if args.resume:
-            say(f"no checkpoint in {ckpt_dir}: starting from step 0")
-        if main_process:
-            out.mkdir(parents=True, exist_ok=True)
-            log_path.write_text("")
+    step, position, skipped = ts.resume_or_start(accelerator, args.resume, ckpt_dir, log_path, say)
     if accelerator.log_with:
         accelerator.init_trackers("train_ldm")
     ts.write_test_hash("start", model.state_dict(), accelerator.process_index)

@@ -68,26 +68,27 @@ def read_state_dict(path: str | Path, allow_pickle: bool = False) -> tuple[dict,
     return read_safetensors(path)
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None):
-    """Write atomically: a temporary file in the same folder, then rename over the target."""
+def atomic_write(path: str | Path, write) -> None:
+    """`write(tmp)` to a temporary file beside `path`, then rename it over `path`: a crash never
+    leaves a half-written file, and an existing one stays intact until the new one is complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; a saved model is not secret
+        write(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it owner-only
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None):
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _write_json(obj: dict, path: Path) -> None:

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -37,27 +35,13 @@ def png_parameters(info: dict, model_name: str, hash_: str) -> dict[str, str]:
 
 
 def save_png(image, path: Path, text: dict[str, str]) -> None:
-    """Write atomically (temporary file, then rename), so no half-written PNG is ever left."""
     from PIL.PngImagePlugin import PngInfo
+
+    from .checkpoint import atomic_write
     meta = PngInfo()
     for k, v in text.items():
         meta.add_itxt(k, v)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG", pnginfo=meta)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=meta))
 
 
 def output_paths(out: Path, n: int) -> list[Path]:

@@ -49,6 +49,23 @@ def check_run(cfg, n_train: int, num_processes: int, ckpt_dir: Path, resume: boo
                          f"or choose another out_dir")
 
 
+def resume_or_start(accelerator, resume: bool, ckpt_dir: Path, log_path: Path, say) -> tuple[int, int, int]:
+    """(step, data position, skipped images): from the newest checkpoint with `resume`, else a
+    fresh log. The log is cut back to the checkpoint's step, so the curve continues without repeats."""
+    if resume and (last := latest_checkpoint(ckpt_dir)) is not None:
+        meta = load_checkpoint(accelerator, last)
+        if accelerator.is_main_process:
+            trim_jsonl(log_path, meta["step"])
+        say(f"resumed from {last} at step {meta['step']}")
+        return meta["step"], meta["position"], meta["skipped"]
+    if resume:
+        say(f"no checkpoint in {ckpt_dir}: starting from step 0")
+    if accelerator.is_main_process:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("")
+    return 0, 0, 0
+
+
 def list_checkpoints(folder: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first. Temporary `.tmp-step-*` folders are never listed."""
     folder = Path(folder)
