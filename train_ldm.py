@@ -13,13 +13,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from accelerate import PartialState, init_empty_weights
+from accelerate import init_empty_weights
 from accelerate.utils import set_seed
 from PIL import Image
 from torch import nn
@@ -249,14 +248,5 @@ def main(argv=None) -> None:
     accelerator.end_training()
 
 
-def cli() -> None:
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: a message, not a traceback
-        if PartialState().is_main_process:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    cli()
+    ts.run_cli(main)

@@ -10,13 +10,11 @@ weights with their AutoencoderConfig, ready for `train_ldm.py --vae`."""
 from __future__ import annotations
 
 import functools
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -198,14 +196,5 @@ def main(argv=None) -> None:
     accelerator.end_training()
 
 
-def cli() -> None:
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: a message, not a traceback
-        if PartialState().is_main_process:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    cli()
+    ts.run_cli(main)

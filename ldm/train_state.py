@@ -24,6 +24,19 @@ VAE_PREFIX = "first_stage_model."
 # Resumable checkpoints
 
 
+def run_cli(main) -> None:
+    """Run a training script's main(); bad input exits 2 with a message, not a traceback."""
+    import sys
+
+    from accelerate import PartialState
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        if PartialState().is_main_process:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def make_accelerator(cfg):
     """The Accelerator both scripts use: accumulation by hand-marked steps, and the same shuffled
     order on every process, fixed by (seed, epoch), which resuming mid-epoch needs."""
