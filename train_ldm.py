@@ -91,8 +91,9 @@ def main(argv=None) -> None:
         cfg = replace(cfg, model=replace(cfg.model, autoencoder=vae_cfg))
     resolution = cfg.data.resolution or cfg.model.sample_size
     check_config(cfg, resolution)
+    load_res = resolution // cfg.model.autoencoder.pixel_scale  # images load at the autoencoder network's size
     text_trainable = cfg.model.text_encoder.trainable
-    report = scan_folder(cfg.data.path, resolution, cfg.data.caption_column,
+    report = scan_folder(cfg.data.path, load_res, cfg.data.caption_column,
                          "optional" if cfg.data.allow_uncaptioned else "required")
     items = report.items[:cfg.data.limit] if cfg.data.limit else report.items
     train_items, _ = split_holdout(items, cfg.data.holdout, cfg.seed)
@@ -104,7 +105,7 @@ def main(argv=None) -> None:
     say = tqdm.write if main_process else (lambda msg: None)
     per_step = cfg.batch_size * cfg.optim.grad_accum * accelerator.num_processes
     ts.check_run(cfg, len(train_items), accelerator.num_processes, ckpt_dir, args.resume)
-    for warning in report.warnings(resolution):
+    for warning in report.warnings(load_res):
         say(f"warning: {warning}")
 
     # -- model: frozen autoencoder, text encoder frozen or trained, UNet trained ---------------------
@@ -133,22 +134,22 @@ def main(argv=None) -> None:
     # -- data -------------------------------------------------------------------------------------
     if cfg.data.cache_latents:
         # a new autoencoder, resolution, flip setting or image file gets a new cache
-        fingerprint = [resolution, cfg.data.random_flip, ts.state_hash(model.first_stage_model.state_dict())]
+        fingerprint = [load_res, cfg.data.random_flip, ts.state_hash(model.first_stage_model.state_dict())]
         fingerprint += [(str(i.path), i.path.stat().st_mtime_ns) for i in train_items]
         cache = out / "latents" / f"{hashlib.sha256(repr(fingerprint).encode()).hexdigest()[:16]}.npy"
         if main_process and not cache.is_file():
             say(f"caching latents of {len(train_items)} images in {cache}")
 
             def encode_moments(x):                                                 # (B, 2C, h, w)
-                posterior = model.first_stage_model.encode(x.to(device))
+                posterior = model.first_stage_model.encode(x.to(device), resample=False)
                 return torch.cat([posterior.mean, posterior.logvar], dim=1)
-            build_latent_cache(train_items, encode_moments, cache, resolution, cfg.data.random_flip, cfg.batch_size)
+            build_latent_cache(train_items, encode_moments, cache, load_res, cfg.data.random_flip, cfg.batch_size)
         accelerator.wait_for_everyone()
         dataset = CachedLatentDataset(train_items, cache, cfg.seed)
         if dataset.unreadable:
             say(f"warning: {dataset.unreadable} image(s) could not be decoded and are left out")
     else:
-        dataset = ImageCaptionDataset(train_items, resolution, cfg.data.center_crop, cfg.data.random_flip, cfg.seed)
+        dataset = ImageCaptionDataset(train_items, load_res, cfg.data.center_crop, cfg.data.random_flip, cfg.seed)
     collate = functools.partial(caption_collate, tokenize=model.cond_stage_model.tokenize, cond_drop=cfg.cond_drop)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
                         num_workers=cfg.data.num_workers,
@@ -191,7 +192,7 @@ def main(argv=None) -> None:
                     if "moments" in batch:
                         z0 = DiagonalGaussian(batch["moments"]).sample() * scale         # (B, C, h, w)
                     else:
-                        z0 = model.encode_first_stage(batch["x"])                      # (B, C, h, w)
+                        z0 = model.encode_first_stage(batch["x"], resample=False)      # (B, C, h, w)
                     context = None if text_trainable else model.cond_stage_model(batch["tokens"])  # (B, L, D)
                 z0 = z0.float()
                 noise = torch.randn_like(z0)

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from ldm import train_state as ts
 from ldm.autoencoder import AutoencoderKL
 from ldm.data.images import ImageCaptionDataset, caption_collate, scan_folder, split_holdout
-from ldm.losses import NLayerDiscriminator, adaptive_weight, hinge_d_loss, load_lpips, psnr, vae_loss
+from ldm.losses import (NLayerDiscriminator, adaptive_weight, check_rec_loss, hinge_d_loss, load_lpips, psnr,
+                        vae_loss)
 from ldm.train_config import VAETrainConfig, load_train_config, parse_cli
 
 
@@ -33,7 +34,7 @@ def evaluate(accelerator, ae: AutoencoderKL, loader) -> float:
     scores = []
     for batch in loader:
         with accelerator.autocast():
-            x_rec = ae.decode(ae.encode(batch["x"]).mean)                     # (B, 3, H, W)
+            x_rec = ae.decode(ae.encode(batch["x"], False).mean, False)        # (B, 3, H/k, W/k)
         scores.append(accelerator.gather_for_metrics(psnr(batch["x"], x_rec)))
     ae.train()
     return torch.cat(scores).mean().item()
@@ -44,7 +45,7 @@ def fit_scale_factor(ae: AutoencoderKL, dataset, seed: int, n: int = 32) -> floa
     """1 / std(z) over up to n training images, so scaled latents have unit variance (LDM §4.3.2)."""
     device = next(ae.parameters()).device
     x = torch.stack([dataset[i]["x"] for i in range(min(n, len(dataset)))]).to(device)
-    z = ae.encode(x).sample(torch.Generator(device).manual_seed(seed))
+    z = ae.encode(x, False).sample(torch.Generator(device).manual_seed(seed))
     return float(1.0 / z.float().flatten().std())
 
 
@@ -57,6 +58,10 @@ def main(argv=None) -> None:
     if resolution <= 0 or resolution % f:
         raise ValueError(f"data.resolution must be a positive multiple of the autoencoder's factor {f}, "
                          f"got {resolution}")
+    check_rec_loss(cfg.rec_loss)
+    # the learned network works at 1/pixel_scale of the image size: the loader resamples the images
+    # once, instead of the model resampling every batch there and back
+    resolution //= cfg.model.pixel_scale
     report = scan_folder(cfg.data.path, resolution, captions="ignore")
     items = report.items[:cfg.data.limit] if cfg.data.limit else report.items
     train_items, val_items = split_holdout(items, cfg.data.holdout, cfg.seed)
@@ -82,16 +87,22 @@ def main(argv=None) -> None:
             ae.load_state_dict(read_init(cfg.init)[1], strict=True)
         except RuntimeError as e:
             raise ValueError(f"--init {cfg.init} does not fit the autoencoder config: {e}") from e
+    else:
+        # A fresh posterior starts at std 1 (logvar 0): unit noise that drowns the small initial latents,
+        # so the decoder first learns the blurry dataset mean. Starting at cfg.init_logvar (tiny noise)
+        # lets reconstruction train from step 1; the KL term is then free to widen it.
+        with torch.no_grad():
+            ae.quant_conv.bias[cfg.model.embed_dim:].fill_(cfg.init_logvar)
     disc = NLayerDiscriminator(cfg.model.out_ch, n_layers=cfg.disc_layers) if cfg.disc_weight > 0 else None
     if perceptual is not None:
         perceptual.to(device)
 
     # -- data, optimisers, Accelerate, resume -----------------------------------------------------
     dataset = ImageCaptionDataset(train_items, resolution, cfg.data.center_crop, cfg.data.random_flip, cfg.seed,
-                                  cfg.data.resize)
+                                  cfg.data.resize // cfg.model.pixel_scale)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=caption_collate,
                         num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
-    val_loader = DataLoader(ImageCaptionDataset(val_items, resolution, seed=cfg.seed, resize=cfg.data.resize), batch_size=cfg.batch_size,
+    val_loader = DataLoader(ImageCaptionDataset(val_items, resolution, seed=cfg.seed, resize=cfg.data.resize // cfg.model.pixel_scale), batch_size=cfg.batch_size,
                             collate_fn=caption_collate, generator=torch.Generator().manual_seed(cfg.seed))
     o = cfg.optim
     opt_ae = torch.optim.AdamW(ae.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
@@ -133,9 +144,10 @@ def main(argv=None) -> None:
             skipped += int(batch["skipped"])
             with accelerator.accumulate(*models):
                 x = batch["x"]                                                        # (B, 3, H, W)
-                x_rec, posterior = ae(x)
+                x_rec, posterior = ae(x, resample=False)
                 with accelerator.autocast():
-                    nll, kl = vae_loss(x, x_rec, posterior, cfg.kl_weight, perceptual, cfg.perceptual_weight)
+                    nll, kl = vae_loss(x, x_rec, posterior, cfg.kl_weight, perceptual, cfg.perceptual_weight,
+                                         cfg.rec_loss)
                     loss, zero = nll + kl, torch.zeros((), device=device)
                     g_loss = d_loss = d_weight = zero
                     if gan_on:

@@ -175,21 +175,24 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """x (B, 3, H, W) in [-1, 1] -> posterior over z (B, embed_dim, H/f, W/f), unscaled."""
+    def encode(self, x: torch.Tensor, resample: bool = True) -> DiagonalGaussian:
+        """x (B, 3, H, W) in [-1, 1] -> posterior over z (B, embed_dim, H/f, W/f), unscaled.
+        resample=False: x is already at the learned network's size (H/pixel_scale), as the training
+        data loaders provide it, so pixel_scale costs nothing in training."""
         k = self.config.pixel_scale
-        if k != 1:  # (B, 3, H/k, W/k): the learned encoder sees the image k× smaller
+        if k != 1 and resample:  # (B, 3, H/k, W/k): the learned encoder sees the image k× smaller
             x = F.interpolate(x, scale_factor=1 / k, mode="bicubic", antialias=True, align_corners=False)
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z (B, embed_dim, h, w), unscaled -> x (B, 3, h·f, w·f) in about [-1, 1]."""
+    def decode(self, z: torch.Tensor, resample: bool = True) -> torch.Tensor:
+        """z (B, embed_dim, h, w), unscaled -> x (B, 3, h·f, w·f) in about [-1, 1].
+        resample=False: the learned decoder's output, before the fixed ×pixel_scale."""
         x = self.decoder(self.post_quant_conv(z))
         k = self.config.pixel_scale
-        if k != 1:  # (B, 3, h·f, w·f): a fixed bicubic ×k after the learned decoder
+        if k != 1 and resample:  # (B, 3, h·f, w·f): a fixed bicubic ×k after the learned decoder
             x = F.interpolate(x, scale_factor=k, mode="bicubic", align_corners=False)
         return x
 
-    def forward(self, x, generator=None):
-        posterior = self.encode(x)
-        return self.decode(posterior.sample(generator)), posterior
+    def forward(self, x, generator=None, resample: bool = True):
+        posterior = self.encode(x, resample)
+        return self.decode(posterior.sample(generator), resample), posterior

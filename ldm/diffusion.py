@@ -25,9 +25,10 @@ class LatentDiffusion(nn.Module):
         return self.model.diffusion_model
 
     def encode_first_stage(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                           sample: bool = True) -> torch.Tensor:
-        """x (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f), unit variance."""
-        posterior = self.first_stage_model.encode(x)
+                           sample: bool = True, resample: bool = True) -> torch.Tensor:
+        """x (B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f), unit variance.
+        resample=False: x is at the autoencoder network's size (see AutoencoderKL.encode)."""
+        posterior = self.first_stage_model.encode(x, resample)
         z = posterior.sample(generator) if sample else posterior.mean
         return z * self.config.autoencoder.scale_factor
 

@@ -44,11 +44,21 @@ def adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: to
     return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
 
 
+REC_LOSSES = ("l1", "mse")
+
+
+def check_rec_loss(name: str) -> None:
+    if name not in REC_LOSSES:
+        raise ValueError(f"rec_loss must be one of {REC_LOSSES}, got {name!r}")
+
+
 def vae_loss(x: torch.Tensor, x_rec: torch.Tensor, posterior, kl_weight: float,
-             perceptual=None, perceptual_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(nll, kl): per-pixel L1 (+ LPIPS) summed over pixels and KL summed over latents, both
-    averaged over the batch, as in LDM (so kl_weight=1e-6 means what it means there)."""
-    rec = (x - x_rec).abs()                                               # (B, 3, H, W)
+             perceptual=None, perceptual_weight: float = 0.0, rec_loss: str = "l1") -> tuple[torch.Tensor, torch.Tensor]:
+    """(nll, kl): per-pixel L1 or squared error (+ LPIPS) summed over pixels and KL summed over
+    latents, both averaged over the batch, as in LDM (so kl_weight=1e-6 means what it means there)."""
+    check_rec_loss(rec_loss)
+    diff = x - x_rec
+    rec = diff.abs() if rec_loss == "l1" else diff.square()               # (B, 3, H, W)
     if perceptual is not None and perceptual_weight > 0:
         rec = rec + perceptual_weight * perceptual(x.contiguous(), x_rec.contiguous())  # (B, 1, 1, 1)
     nll = rec.sum() / x.shape[0]

@@ -76,6 +76,7 @@ class VAETrainConfig(RunConfig):
     """train_vae.py: the KL autoencoder (LDM's first stage), optionally against a PatchGAN."""
     model: AutoencoderConfig = field(default_factory=lambda: tiny().autoencoder)
     kl_weight: float = 1e-6          # LDM kl-f8 value; the reconstruction term is summed over pixels
+    rec_loss: str = "l1"             # "l1" (LDM) or "mse": squared error trains flat-colour images faster
     perceptual_weight: float = 0.0   # LPIPS term; needs lpips and its VGG weights on disk (lpips_path)
     lpips_path: str = ""
     disc_weight: float = 0.5         # PatchGAN (Isola et al. 2017) hinge loss weight; 0: no discriminator
@@ -83,6 +84,7 @@ class VAETrainConfig(RunConfig):
     disc_layers: int = 3
     disc_lr: float = 0.0             # 0: optim.lr
     eval_every: int = 0              # held-out PSNR every N steps (also at the start and the end)
+    init_logvar: float = -6.0        # a fresh posterior's initial log-variance (train_vae.py explains)
     fit_scale_factor: bool = True    # export scale_factor = 1 / std(z) (LDM §4.3.2) measured on training images
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from ldm import Pipeline
 from ldm.cli import main as cli
-from ldm.pipeline import default_model_path
+from ldm.pipeline import default_model_path, to_pil
 
 
 @pytest.fixture(scope="module")
@@ -35,3 +35,23 @@ def test_cli_uses_the_default_model(tmp_path):
     from PIL import Image
     img = Image.open(out)
     assert img.size == (512, 512) and img.text["model"] == default_model_path().name
+
+
+def test_evaluator_holds_on_the_shipped_autoencoders_reconstructions(pipe):
+    """Issue 5's trust condition: >= 95% on autoencoder reconstructions of held-out prompts' renders."""
+    import torch
+
+    from ldm.data.scenes import render, scene_from_prompt
+    from ldm.eval.adherence import evaluate, load_prompts
+    from ldm.eval.cli import PROMPTS
+
+    prompts = load_prompts(PROMPTS)[::2]  # 125 prompts, 25 per category
+    images = []
+    for i in range(0, len(prompts), 25):
+        x = torch.stack([torch.from_numpy(np.asarray(render(scene_from_prompt(p, seed=i + j), 512), np.float32))
+                         for j, p in enumerate(prompts[i:i + 25])]).permute(0, 3, 1, 2) / 127.5 - 1
+        rec = pipe.decode_latents(pipe.encode_image(x, sample=False))                  # (25, 3, 512, 512)
+        images += to_pil(rec)
+    result = evaluate(images, prompts)
+    assert result["overall"] >= 0.95, {k: v["accuracy"] for k, v in result["categories"].items()}
+    assert min(c["accuracy"] for c in result["categories"].values()) >= 0.90

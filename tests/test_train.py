@@ -124,6 +124,9 @@ def test_bad_dataset_fails_before_training(data, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="perceptual_weight > 0 needs"):  # LPIPS weights are not on disk here
         run_in_process(train_vae, base_args(data, tmp_path / "run", "configs/train_vae_tiny.yaml",
                                             perceptual_weight=0.5), monkeypatch)
+    with pytest.raises(ValueError, match="rec_loss must be one of"):
+        run_in_process(train_vae, base_args(data, tmp_path / "run", "configs/train_vae_tiny.yaml",
+                                            rec_loss="huber"), monkeypatch)
     assert not (tmp_path / "run").exists()
 
 
@@ -214,3 +217,26 @@ def test_vae_improves_heldout_psnr_and_feeds_train_ldm(data, tmp_path, monkeypat
     cfg, sd = checkpoint.load(tmp_path / "ldm" / "model.safetensors")
     assert cfg.autoencoder == vae_cfg
     assert all(torch.equal(sd["first_stage_model." + k], v) for k, v in vae_sd.items()), "the autoencoder stays frozen"
+
+
+def test_pixel_scale_trains_the_network_at_its_own_size(data, tmp_path, monkeypatch):
+    """With autoencoder.pixel_scale=k both scripts load images at resolution/k (the learned network's
+    input), and the exported model still maps full-size images <-> latents."""
+    run_in_process(train_vae, base_args(data, tmp_path / "vae", "configs/train_vae_tiny.yaml", max_steps=4,
+                                        eval_every=0, rec_loss="mse", init_logvar=-4.0,
+                                        **{"model.pixel_scale": 2, "data.resolution": 64, "data.holdout": 2}),
+                   monkeypatch)
+    log = [json.loads(line) for line in (tmp_path / "vae" / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["psnr"]) for r in log if "psnr" in r)
+    vae_cfg, vae_sd = load_autoencoder(tmp_path / "vae" / "vae.safetensors")
+    assert vae_cfg.pixel_scale == 2 and vae_cfg.downsample_factor == 4
+    # a fresh posterior starts narrow (init_logvar), not at std 1; 4 steps at lr 1e-3 barely move it
+    assert abs(vae_sd["quant_conv.bias"][vae_cfg.embed_dim:].mean() + 4.0) < 0.1
+
+    run_in_process(train_ldm, base_args(data, tmp_path / "ldm", max_steps=2, **{
+        "data.cache_latents": True, "data.resolution": 64}) + ["--vae", str(tmp_path / "vae" / "vae.safetensors")],
+        monkeypatch)
+    cache, = (tmp_path / "ldm" / "latents").glob("*.npy")
+    assert np.load(cache).shape == (8, 1, 8, 16, 16)  # 40 px images loaded at 32 px, f=2 network
+    pipe = Pipeline.from_pretrained(tmp_path / "ldm" / "model.safetensors")
+    assert pipe("a red circle", steps=2, seed=0, height=64, width=64)[0].size == (64, 64)
