@@ -55,3 +55,4 @@ def test_evaluator_holds_on_the_shipped_autoencoders_reconstructions(pipe):
     result = evaluate(images, prompts)
     assert result["overall"] >= 0.95, {k: v["accuracy"] for k, v in result["categories"].items()}
     assert min(c["accuracy"] for c in result["categories"].values()) >= 0.90
+
