@@ -98,11 +98,12 @@ def main(argv=None) -> None:
         perceptual.to(device)
 
     # -- data, optimisers, Accelerate, resume -----------------------------------------------------
+    resize = cfg.data.resize // cfg.model.pixel_scale
     dataset = ImageCaptionDataset(train_items, resolution, cfg.data.center_crop, cfg.data.random_flip, cfg.seed,
-                                  cfg.data.resize // cfg.model.pixel_scale)
+                                  resize)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=caption_collate,
                         num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
-    val_loader = DataLoader(ImageCaptionDataset(val_items, resolution, seed=cfg.seed, resize=cfg.data.resize // cfg.model.pixel_scale), batch_size=cfg.batch_size,
+    val_loader = DataLoader(ImageCaptionDataset(val_items, resolution, seed=cfg.seed, resize=resize), batch_size=cfg.batch_size,
                             collate_fn=caption_collate, generator=torch.Generator().manual_seed(cfg.seed))
     o = cfg.optim
     opt_ae = torch.optim.AdamW(ae.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)

@@ -2,9 +2,13 @@
 and draws reproducible 512×512 pictures through the library and the command line."""
 import numpy as np
 import pytest
+import torch
 
 from ldm import Pipeline
 from ldm.cli import main as cli
+from ldm.data.scenes import render, scene_from_prompt
+from ldm.eval.adherence import evaluate, load_prompts
+from ldm.eval.cli import PROMPTS
 from ldm.pipeline import default_model_path, to_pil
 
 
@@ -39,12 +43,6 @@ def test_cli_uses_the_default_model(tmp_path):
 
 def test_evaluator_holds_on_the_shipped_autoencoders_reconstructions(pipe):
     """Issue 5's trust condition: >= 95% on autoencoder reconstructions of held-out prompts' renders."""
-    import torch
-
-    from ldm.data.scenes import render, scene_from_prompt
-    from ldm.eval.adherence import evaluate, load_prompts
-    from ldm.eval.cli import PROMPTS
-
     prompts = load_prompts(PROMPTS)[::2]  # 125 prompts, 25 per category
     images = []
     for i in range(0, len(prompts), 25):
