@@ -63,6 +63,8 @@ def check_config(cfg: TrainConfig, resolution: int) -> None:
         raise ValueError(f"data.resolution={resolution} must be a multiple of the autoencoder's factor {f}")
     if not 0.0 <= cfg.cond_drop <= 1.0:
         raise ValueError(f"cond_drop must be a probability in [0, 1], got {cfg.cond_drop}")
+    if cfg.snr_gamma < 0:
+        raise ValueError(f"snr_gamma must be >= 0 (0 turns Min-SNR weighting off), got {cfg.snr_gamma}")
     if cfg.data.cache_latents and not cfg.data.center_crop:
         raise ValueError("random crops cannot be cached: set data.center_crop=true or data.cache_latents=false")
     if cfg.mixed_precision not in ("", "no", "fp16", "bf16"):
@@ -161,7 +163,7 @@ def main(argv=None) -> None:
                                   betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
     # stepped by hand once per optimizer step (a prepared scheduler steps once per process)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / o.warmup_steps) if o.warmup_steps else 1.0)
+        optimizer, ts.lr_factor(o, cfg.max_steps))
     denoiser, optimizer, loader = accelerator.prepare(denoiser, optimizer, loader)
     raw = accelerator.unwrap_model(denoiser)
     accelerator.register_for_checkpointing(lr_scheduler)
@@ -199,7 +201,7 @@ def main(argv=None) -> None:
                 t = torch.randint(0, T, (z0.shape[0],), device=device)
                 z_t = q_sample(z0, t, noise, ac)                                       # DDPM eq. (4)
                 pred = denoiser(z_t, t, batch["tokens"], context)
-                loss = diffusion_loss(pred, z0, noise, t, ac, pt)
+                loss = diffusion_loss(pred, z0, noise, t, ac, pt, cfg.snr_gamma)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and o.grad_clip > 0:
                     accelerator.clip_grad_norm_(denoiser.parameters(), o.grad_clip)

@@ -108,7 +108,7 @@ def main(argv=None) -> None:
     o = cfg.optim
     opt_ae = torch.optim.AdamW(ae.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(  # stepped by hand once per optimizer step
-        opt_ae, lambda s: min(1.0, (s + 1) / o.warmup_steps) if o.warmup_steps else 1.0)
+        opt_ae, ts.lr_factor(o, cfg.max_steps))
     if disc is not None:
         opt_disc = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr or o.lr, betas=tuple(o.betas),
                                      weight_decay=o.weight_decay, eps=o.eps)

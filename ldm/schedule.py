@@ -126,12 +126,24 @@ def v_target(x0, noise, t, alphas_cumprod):
     return a * noise - s * x0
 
 
-def diffusion_loss(model_output, x0, noise, t, alphas_cumprod, prediction_type: str) -> torch.Tensor:
-    """Mean squared error against the ε, v or x0 target (DDPM Alg. 1 for ε), in float32."""
+def diffusion_loss(model_output, x0, noise, t, alphas_cumprod, prediction_type: str,
+                   snr_gamma: float = 0.0) -> torch.Tensor:
+    """Mean squared error against the ε, v or x0 target (DDPM Alg. 1 for ε), in float32. With
+    snr_gamma > 0, Min-SNR-γ weighting (Hang et al. 2023): each sample's error counts as an x0 error
+    weighted min(SNR, γ), so the easy low-noise steps stop dominating and training converges faster."""
     check_prediction_type(prediction_type)
+    if snr_gamma < 0:
+        raise ValueError(f"snr_gamma must be >= 0 (0 turns the weighting off), got {snr_gamma}")
     target = {"epsilon": lambda: noise, "sample": lambda: x0,
               "v_prediction": lambda: v_target(x0, noise, t, alphas_cumprod)}[prediction_type]()
-    return F.mse_loss(model_output.float(), target.float())
+    if not snr_gamma:
+        return F.mse_loss(model_output.float(), target.float())
+    per_sample = (model_output.float() - target.float()).pow(2).flatten(1).mean(1)   # (B,)
+    ac = alphas_cumprod.to(per_sample.device)[t].float()
+    snr = ac / (1 - ac)
+    # the x0 error equals the ε error / SNR, the v error / (SNR + 1), the x0 error itself
+    to_x0 = {"epsilon": 1 / snr, "v_prediction": 1 / (snr + 1), "sample": torch.ones_like(snr)}[prediction_type]
+    return (per_sample * snr.clamp(max=snr_gamma) * to_x0).mean()
 
 
 # ---------------------------------------------------------------------------------------------

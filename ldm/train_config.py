@@ -11,6 +11,8 @@ from pathlib import Path
 from .config import (PRESETS, AutoencoderConfig, LDMConfig, TextEncoderConfig, UNetConfig, apply_overrides,
                      from_dict, load_yaml, tiny)
 
+LR_SCHEDULES = ("constant", "cosine")
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -37,6 +39,12 @@ class OptimConfig:
     warmup_steps: int = 0            # linear LR warm-up over this many optimizer steps
     grad_clip: float = 1.0           # max gradient norm; 0 disables clipping
     grad_accum: int = 1              # micro-batches per optimizer step
+    lr_schedule: str = "constant"    # after warm-up: "constant", or "cosine" decay to 0 at max_steps
+
+    def __post_init__(self):
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"optim.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                             f"got {self.lr_schedule!r}")
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ class TrainConfig(RunConfig):
     model: LDMConfig = field(default_factory=tiny)
     vae: str = ""                    # autoencoder from train_vae.py (or any model file) replacing the model's
     cond_drop: float = 0.1           # P(caption -> "") for classifier-free guidance (Ho & Salimans 2022)
+    snr_gamma: float = 0.0           # Min-SNR-γ loss weighting (Hang et al. 2023; 5 is theirs); 0: plain MSE
     use_ema: bool = True
     ema_decay: float = 0.9999        # warmed up as min(decay, (1 + n) / (10 + n)) (CompVis LitEma)
     sample_every: int = 0            # steps between sample grids; 0: none

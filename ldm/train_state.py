@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -50,6 +51,19 @@ def make_accelerator(cfg):
                                                                 sync_with_dataloader=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None, project_dir=cfg.out_dir)
+
+
+def lr_factor(optim, max_steps: int):
+    """LambdaLR factor at optimizer step s: linear warm-up over optim.warmup_steps, then constant
+    or a cosine decay to 0 at max_steps (optim.lr_schedule)."""
+    def factor(s: int) -> float:
+        if s < optim.warmup_steps:
+            return (s + 1) / optim.warmup_steps
+        if optim.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (s - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
 
 
 def check_run(cfg, n_train: int, num_processes: int, ckpt_dir: Path, resume: bool) -> None:

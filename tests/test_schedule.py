@@ -170,6 +170,26 @@ def test_diffusion_loss_targets():
     assert loss["v_prediction"] == pytest.approx(v.pow(2).mean().item())
 
 
+def test_min_snr_weighting_counts_each_error_as_a_clipped_x0_error():
+    ac = alphas_cumprod(ScheduleConfig())
+    g = torch.Generator().manual_seed(3)
+    x0, noise, out = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
+    t = torch.tensor([2, 300, 990])                 # SNR far above 5, near 1, far below
+    snr = ac[t] / (1 - ac[t])
+    assert snr[0] > 5 > snr[2]
+    per = (out - noise).pow(2).flatten(1).mean(1)
+    want = (per * snr.clamp(max=5) / snr).mean().item()
+    assert diffusion_loss(out, x0, noise, t, ac, "epsilon", snr_gamma=5).item() == pytest.approx(want, rel=1e-5)
+    per_x0 = (out - x0).pow(2).flatten(1).mean(1)
+    want_x0 = (per_x0 * snr.clamp(max=5)).mean().item()
+    assert diffusion_loss(out, x0, noise, t, ac, "sample", snr_gamma=5).item() == pytest.approx(want_x0, rel=1e-5)
+    # a γ above every SNR leaves ε-prediction's loss unweighted
+    plain = diffusion_loss(out, x0, noise, t, ac, "epsilon").item()
+    assert diffusion_loss(out, x0, noise, t, ac, "epsilon", snr_gamma=1e9).item() == pytest.approx(plain, rel=1e-5)
+    with pytest.raises(ValueError, match="snr_gamma"):
+        diffusion_loss(out, x0, noise, t, ac, "epsilon", snr_gamma=-1)
+
+
 def test_bad_arguments_raise_value_error():
     with pytest.raises(ValueError, match="linear, scaled_linear, squaredcos_cap_v2"):
         make_beta_schedule("cosine", 1000)

@@ -12,6 +12,7 @@ from ldm.config import tiny
 from ldm.data.images import (ImageCaptionDataset, caption_collate, load_image, scan_folder,
                              split_holdout)
 from ldm.train_config import TrainConfig, VAETrainConfig, load_train_config
+from ldm.train_state import lr_factor
 
 
 def make_image(path, size=(40, 40), colour=(200, 40, 40)):
@@ -148,6 +149,16 @@ def test_train_config_yaml_is_strict_and_overridable(tmp_path):
         assert load_train_config(TrainConfig, path).model.unet.use_checkpoint
     vae = load_train_config(VAETrainConfig, "configs/train_vae_tiny.yaml", ["model.ch=64"])
     assert vae.model.ch == 64 and vae.optim.betas == (0.5, 0.9)
+
+
+def test_lr_schedule_warms_up_then_holds_or_decays_to_zero():
+    constant = lr_factor(load_train_config(TrainConfig, None, ["optim.warmup_steps=10"]).optim, 110)
+    cosine = lr_factor(load_train_config(TrainConfig, None, ["optim.warmup_steps=10",
+                                                              "optim.lr_schedule='cosine'"]).optim, 110)
+    assert [constant(s) for s in (0, 4, 9, 60, 109)] == pytest.approx([0.1, 0.5, 1.0, 1.0, 1.0])
+    assert [cosine(s) for s in (0, 9, 10, 60, 110, 500)] == pytest.approx([0.1, 1.0, 1.0, 0.5, 0.0, 0.0])
+    with pytest.raises(ValueError, match="optim.lr_schedule must be one of constant, cosine, got 'linear'"):
+        load_train_config(TrainConfig, None, ["optim.lr_schedule='linear'"])
 
 
 def test_train_config_must_fit_init_checkpoint():
