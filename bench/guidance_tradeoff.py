@@ -14,10 +14,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ldm.eval.adherence import evaluate, load_prompts
-from ldm.eval.cli import PROMPTS
+from ldm.eval.cli import PROMPTS, seeded_latents
 from ldm.pipeline import Pipeline
 
 SCALES = (1.0, 2.0, 3.0, 5.0, 7.5, 10.0)
@@ -26,11 +25,9 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 def draw(pipe, prompts, seeds, **kw):
     """One image per (prompt, seed), each from its own seeded noise."""
-    shape = (1, pipe.config.unet.in_channels, pipe.config.latent_size, pipe.config.latent_size)
     images = []
     for i in range(0, len(prompts), 8):
-        latents = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds[i:i + 8]])
-        images += pipe(prompts[i:i + 8], latents=latents, **kw)
+        images += pipe(prompts[i:i + 8], latents=seeded_latents(pipe.config, seeds[i:i + 8]), **kw)
     return images
 
 

@@ -34,9 +34,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=8, help="with --model: images per forward")
 
 
+def seeded_latents(config, seeds):
+    """Initial noise (N, C, h, w), image k from its own seed, so that an image does not depend on
+    the batch it is drawn in."""
+    import torch
+    shape = (1, config.unet.in_channels, config.latent_size, config.latent_size)
+    return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
 def generate(args) -> tuple[list[Image.Image], list[str]]:
     """One image per prompt from the model, at its default settings unless overridden."""
-    import torch
     from tqdm import tqdm
 
     from ldm.pipeline import Pipeline
@@ -45,11 +52,7 @@ def generate(args) -> tuple[list[Image.Image], list[str]]:
     images = []
     for i in tqdm(range(0, len(prompts), args.batch), desc="generating", unit="batch"):
         chunk = prompts[i:i + args.batch]
-        # image i has its own seed: results don't depend on the batch size
-        latents = torch.cat([torch.randn((1, pipe.config.unet.in_channels, pipe.config.latent_size,
-                                          pipe.config.latent_size),
-                                         generator=torch.Generator().manual_seed(args.seed + i + k))
-                             for k in range(len(chunk))])
+        latents = seeded_latents(pipe.config, range(args.seed + i, args.seed + i + len(chunk)))
         images += pipe(chunk, steps=args.steps, guidance_scale=args.scale, sampler=args.sampler, latents=latents)
     if args.out:
         out = Path(args.out)
