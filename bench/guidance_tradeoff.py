@@ -31,6 +31,13 @@ def draw(pipe, prompts, seeds, **kw):
     return images
 
 
+def spread(items: list, n: int) -> list:
+    """n items evenly spaced over the list (all of them if n >= len), so that every category of
+    the category-ordered prompt file is represented in proportion."""
+    n = min(n, len(items))
+    return [items[i * len(items) // n] for i in range(n)]
+
+
 def adherence(pipe, prompts, **kw) -> dict:
     return evaluate(draw(pipe, prompts, list(range(len(prompts))), **kw), prompts)
 
@@ -52,9 +59,7 @@ def main():
     args = ap.parse_args()
     pipe = Pipeline.from_pretrained(args.model)
     prompts = load_prompts(PROMPTS)
-    step = max(1, len(prompts) // args.prompts)
-    subset = prompts[::step][: args.prompts]               # every category represented
-    div_prompts = prompts[::max(1, len(prompts) // args.diversity_prompts)][: args.diversity_prompts]
+    subset, div_prompts = spread(prompts, args.prompts), spread(prompts, args.diversity_prompts)
 
     rows = []
     for s in SCALES:
