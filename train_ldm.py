@@ -33,7 +33,7 @@ from ldm.data.images import (CachedLatentDataset, ImageCaptionDataset, build_lat
 from ldm.diffusion import LatentDiffusion
 from ldm.ema import EMA
 from ldm.pipeline import Pipeline
-from ldm.schedule import alphas_cumprod, diffusion_loss, q_sample
+from ldm.schedule import alphas_cumprod, diffusion_loss, q_sample, training_noise
 from ldm.train_config import TrainConfig, load_train_config, parse_cli
 
 EXPORT_PREFIX = {"unet": "model.diffusion_model.", "text_encoder": "cond_stage_model."}
@@ -63,6 +63,8 @@ def check_config(cfg: TrainConfig, resolution: int) -> None:
         raise ValueError(f"data.resolution={resolution} must be a multiple of the autoencoder's factor {f}")
     if not 0.0 <= cfg.cond_drop <= 1.0:
         raise ValueError(f"cond_drop must be a probability in [0, 1], got {cfg.cond_drop}")
+    if cfg.noise_offset < 0:
+        raise ValueError(f"noise_offset must be >= 0 (0 turns offset noise off), got {cfg.noise_offset}")
     if cfg.snr_gamma < 0:
         raise ValueError(f"snr_gamma must be >= 0 (0 turns Min-SNR weighting off), got {cfg.snr_gamma}")
     if cfg.data.cache_latents and not cfg.data.center_crop:
@@ -197,7 +199,7 @@ def main(argv=None) -> None:
                         z0 = model.encode_first_stage(batch["x"], resample=False)      # (B, C, h, w)
                     context = None if text_trainable else model.cond_stage_model(batch["tokens"])  # (B, L, D)
                 z0 = z0.float()
-                noise = torch.randn_like(z0)
+                noise = training_noise(z0, cfg.noise_offset)
                 t = torch.randint(0, T, (z0.shape[0],), device=device)
                 z_t = q_sample(z0, t, noise, ac)                                       # DDPM eq. (4)
                 pred = denoiser(z_t, t, batch["tokens"], context)

@@ -81,6 +81,20 @@ def q_sample(x0: torch.Tensor, t, noise: torch.Tensor, alphas_cumprod: torch.Ten
     return a * x0 + s * noise
 
 
+def training_noise(x0: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
+    """ε for a training step: N(0, I), plus with `offset` > 0 a per-sample, per-channel constant
+    offset·N(0, 1) ("offset noise", Guttenberg 2023). SD's schedule leaves signal at t = T, so a
+    model trained on pure ε learns to read the image mean (here: the background colour) from the
+    starting noise instead of from the prompt; the offset makes the mean something it must draw."""
+    if offset < 0:
+        raise ValueError(f"noise_offset must be >= 0 (0 turns it off), got {offset}")
+    noise = torch.randn_like(x0)
+    if offset:
+        noise = noise + offset * torch.randn(x0.shape[0], x0.shape[1], *(1,) * (x0.ndim - 2),
+                                             device=x0.device, dtype=x0.dtype)
+    return noise
+
+
 def eps_and_x0_at(model_output: torch.Tensor, x_t: torch.Tensor, alpha_bar, prediction_type: str):
     """(ε, pred_x0) from an ε, v or x0 prediction at noise level ᾱ (float or broadcastable tensor)."""
     a, s = _coefs(alpha_bar, x_t)

@@ -71,6 +71,7 @@ class TrainConfig(RunConfig):
     model: LDMConfig = field(default_factory=tiny)
     vae: str = ""                    # autoencoder from train_vae.py (or any model file) replacing the model's
     cond_drop: float = 0.1           # P(caption -> "") for classifier-free guidance (Ho & Salimans 2022)
+    noise_offset: float = 0.0        # offset noise (ldm.schedule.training_noise; 0.1 is common); 0: none
     snr_gamma: float = 0.0           # Min-SNR-γ loss weighting (Hang et al. 2023; 5 is theirs); 0: plain MSE
     use_ema: bool = True
     ema_decay: float = 0.9999        # warmed up as min(decay, (1 + n) / (10 + n)) (CompVis LitEma)

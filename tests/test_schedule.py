@@ -11,7 +11,8 @@ from ldm.config import ScheduleConfig
 from ldm.schedule import (alphas_cumprod, diffusion_loss, dpm_solver_schedule, eps_from_v,
                           eps_from_x0, euler_schedule, karras_sigmas, make_beta_schedule,
                           pred_x0_from_eps, q_sample, sampling_timesteps, sigma_to_t,
-                          sigmas_from_alphas_cumprod, t_to_sigma, to_eps_and_x0, v_target, x0_from_v)
+                          sigmas_from_alphas_cumprod, t_to_sigma, to_eps_and_x0, training_noise, v_target,
+                          x0_from_v)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notes from diffusers
 
@@ -188,6 +189,21 @@ def test_min_snr_weighting_counts_each_error_as_a_clipped_x0_error():
     assert diffusion_loss(out, x0, noise, t, ac, "epsilon", snr_gamma=1e9).item() == pytest.approx(plain, rel=1e-5)
     with pytest.raises(ValueError, match="snr_gamma"):
         diffusion_loss(out, x0, noise, t, ac, "epsilon", snr_gamma=-1)
+
+
+def test_offset_noise_shifts_each_channel_by_one_constant():
+    x0 = torch.zeros(4000, 4, 8, 8)
+    torch.manual_seed(0)
+    plain = training_noise(x0)
+    assert plain.shape == x0.shape and abs(plain.std().item() - 1) < 0.01
+    torch.manual_seed(0)
+    offset = training_noise(x0, 0.5)
+    means = offset.mean(dim=(2, 3))                                  # (B, C): mostly the offset
+    assert abs(means.std().item() - (0.25 + 1 / 64) ** 0.5) < 0.02  # offset² + the 64 pixels' own mean
+    assert torch.allclose(offset - offset.mean(dim=(2, 3), keepdim=True),
+                          plain - plain.mean(dim=(2, 3), keepdim=True), atol=1e-6)
+    with pytest.raises(ValueError, match="noise_offset"):
+        training_noise(x0, -0.1)
 
 
 def test_bad_arguments_raise_value_error():

@@ -127,6 +127,8 @@ def test_bad_dataset_fails_before_training(data, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="rec_loss must be one of"):
         run_in_process(train_vae, base_args(data, tmp_path / "run", "configs/train_vae_tiny.yaml",
                                             rec_loss="huber"), monkeypatch)
+    with pytest.raises(ValueError, match="noise_offset must be >= 0"):
+        run_in_process(train_ldm, base_args(data, tmp_path / "run", noise_offset=-0.1), monkeypatch)
     with pytest.raises(ValueError, match="snr_gamma must be >= 0"):
         run_in_process(train_ldm, base_args(data, tmp_path / "run", snr_gamma=-1.0), monkeypatch)
     assert not (tmp_path / "run").exists()
@@ -162,7 +164,7 @@ def test_two_processes_hold_identical_weights(data, tmp_path, script):
 
 def test_sigkill_during_checkpoint_write_then_resume(data, tmp_path, monkeypatch):
     # 8 images, batch 2: 4 batches per epoch, so the step-6 checkpoint resumes mid-epoch
-    args = dict(max_steps=12, checkpoint_every=3, keep_checkpoints=2, cond_drop=0.3, snr_gamma=5.0,
+    args = dict(max_steps=12, checkpoint_every=3, keep_checkpoints=2, cond_drop=0.3, snr_gamma=5.0, noise_offset=0.1,
                 **{"data.random_flip": True, "optim.lr_schedule": "cosine"})
     run_in_process(train_ldm, base_args(data, tmp_path / "a", **args), monkeypatch)
     reference = losses(tmp_path / "a")
