@@ -63,10 +63,6 @@ def check_config(cfg: TrainConfig, resolution: int) -> None:
         raise ValueError(f"data.resolution={resolution} must be a multiple of the autoencoder's factor {f}")
     if not 0.0 <= cfg.cond_drop <= 1.0:
         raise ValueError(f"cond_drop must be a probability in [0, 1], got {cfg.cond_drop}")
-    if cfg.noise_offset < 0:
-        raise ValueError(f"noise_offset must be >= 0 (0 turns offset noise off), got {cfg.noise_offset}")
-    if cfg.snr_gamma < 0:
-        raise ValueError(f"snr_gamma must be >= 0 (0 turns Min-SNR weighting off), got {cfg.snr_gamma}")
     if cfg.data.cache_latents and not cfg.data.center_crop:
         raise ValueError("random crops cannot be cached: set data.center_crop=true or data.cache_latents=false")
     if cfg.mixed_precision not in ("", "no", "fp16", "bf16"):

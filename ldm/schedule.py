@@ -153,7 +153,7 @@ def diffusion_loss(model_output, x0, noise, t, alphas_cumprod, prediction_type: 
     if not snr_gamma:
         return F.mse_loss(model_output.float(), target.float())
     per_sample = (model_output.float() - target.float()).pow(2).flatten(1).mean(1)   # (B,)
-    ac = alphas_cumprod.to(per_sample.device)[t].float()
+    ac = _gather(alphas_cumprod, t, per_sample).float()                              # (B,)
     snr = ac / (1 - ac)
     # the x0 error equals the ε error / SNR, the v error / (SNR + 1), the x0 error itself
     to_x0 = {"epsilon": 1 / snr, "v_prediction": 1 / (snr + 1), "sample": torch.ones_like(snr)}[prediction_type]

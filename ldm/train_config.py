@@ -80,6 +80,11 @@ class TrainConfig(RunConfig):
     sample_steps: int = 20
     sample_guidance_scale: float = 5.0
 
+    def __post_init__(self):
+        for name in ("noise_offset", "snr_gamma"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
+
 
 @dataclass(frozen=True)
 class VAETrainConfig(RunConfig):

@@ -55,7 +55,6 @@ def test_evaluator_holds_on_the_shipped_autoencoders_reconstructions(pipe):
     assert min(c["accuracy"] for c in result["categories"].values()) >= 0.90
 
 
-
 # Measured on these 50 prompts and seeds: overall 0.54, single objects 1.0 (docs/default_model.md has
 # the full 250-prompt report). The floors sit 4 and 2 images below, so a regression in the model, the
 # samplers or the pipeline fails.
