@@ -90,6 +90,7 @@ class ScheduleConfig:
     prediction_type: str = "epsilon"      # "epsilon" | "v_prediction" | "sample"
     timestep_spacing: str = "leading"     # "leading" (SD, + steps_offset) | "trailing" | "linspace"
     steps_offset: int = 1
+    rescale_betas_zero_snr: bool = False  # ᾱ_T = 0 (Lin et al. 2023); pair with v_prediction, "trailing"
 
 
 @dataclass(frozen=True)

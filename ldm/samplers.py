@@ -194,6 +194,11 @@ def sample(name: str, model_fn: ModelFn, noise: torch.Tensor, schedule: Schedule
     check_prediction_type(pt)
     if name in ("ddpm", "ddim"):
         ac, ts = alphas_cumprod(schedule), sampling_timesteps(num_steps, schedule)
+        if pt == "epsilon" and ac[ts[0]] == 0:
+            raise ValueError(
+                f"an epsilon-prediction model cannot give x0 at zero SNR (t={int(ts[0])} with "
+                "rescale_betas_zero_snr); use a v_prediction model (Lin et al. 2023), "
+                "timestep_spacing='leading', or the euler / dpmpp_2m samplers")
         if name == "ddpm":
             return ddpm(model_fn, noise, ac, ts, prediction_type=pt, generator=generator, callback=callback)
         return ddim(model_fn, noise, ac, ts, prediction_type=pt, eta=eta, generator=generator,

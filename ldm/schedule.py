@@ -39,10 +39,32 @@ def make_beta_schedule(name: str, num_train_timesteps: int, beta_start: float = 
     raise ValueError(f"unknown beta_schedule {name!r}; choose one of {', '.join(BETA_SCHEDULES)}")
 
 
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """β's whose ᾱ_T is exactly 0 (Lin et al. 2023, Alg. 1): shift √ᾱ so that its last value is 0 and
+    scale it so that its first is unchanged. SD's schedule leaves √ᾱ_T ≈ 0.068 of the image in x_T,
+    so a model learns to read the image mean from the noise; with 0 it must take it from the prompt."""
+    sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_ab[0].item(), sqrt_ab[-1].item()
+    alpha_bar = ((sqrt_ab - last) * (first / (first - last))) ** 2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1.0 - alphas
+
+
 def alphas_cumprod(cfg: ScheduleConfig) -> torch.Tensor:
-    """ᾱ_t = ∏_{s≤t} (1 − β_s), float64 (T,)."""
+    """ᾱ_t = ∏_{s≤t} (1 − β_s), float64 (T,); ᾱ_T = 0 with cfg.rescale_betas_zero_snr."""
     betas = make_beta_schedule(cfg.beta_schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end)
+    if cfg.rescale_betas_zero_snr:
+        betas = rescale_zero_terminal_snr(betas)
     return torch.cumprod(1.0 - betas, dim=0)
+
+
+def _sigma_alphas_cumprod(cfg: ScheduleConfig) -> torch.Tensor:
+    """ᾱ for the σ-space samplers: σ_T = √((1−ᾱ_T)/ᾱ_T) is infinite at zero terminal SNR, so
+    diffusers (Euler, DPM-Solver) sets ᾱ_T = 2⁻²⁴ (σ_T = 4096); so do we, for parity."""
+    ac = alphas_cumprod(cfg)
+    if cfg.rescale_betas_zero_snr:
+        ac[-1] = 2.0 ** -24
+    return ac
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,9 +177,12 @@ def diffusion_loss(model_output, x0, noise, t, alphas_cumprod, prediction_type: 
     per_sample = (model_output.float() - target.float()).pow(2).flatten(1).mean(1)   # (B,)
     ac = _gather(alphas_cumprod, t, per_sample).float()                              # (B,)
     snr = ac / (1 - ac)
-    # the x0 error equals the ε error / SNR, the v error / (SNR + 1), the x0 error itself
-    to_x0 = {"epsilon": 1 / snr, "v_prediction": 1 / (snr + 1), "sample": torch.ones_like(snr)}[prediction_type]
-    return (per_sample * snr.clamp(max=snr_gamma) * to_x0).mean()
+    # the x0 error equals the ε error / SNR, the v error / (SNR + 1), the x0 error itself; the ε
+    # weight min(SNR, γ)/SNR is written as min(1, γ/SNR) to stay finite at zero terminal SNR
+    weight = {"epsilon": lambda: (snr_gamma / snr).clamp(max=1.0),
+              "v_prediction": lambda: snr.clamp(max=snr_gamma) / (snr + 1),
+              "sample": lambda: snr.clamp(max=snr_gamma)}[prediction_type]()
+    return (per_sample * weight).mean()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +264,7 @@ def euler_schedule(num_steps: int, cfg: ScheduleConfig, karras: bool = False):
     _check_steps(num_steps, cfg)
     ts = torch.from_numpy(_checked(_spaced(num_steps, cfg, round_linspace=False), num_steps, cfg))
     ts = ts.float()                                        # diffusers interpolates at float32 t
-    train_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod(cfg))
+    train_sigmas = sigmas_from_alphas_cumprod(_sigma_alphas_cumprod(cfg))
     sigmas = t_to_sigma(ts, train_sigmas)
     if karras:
         sigmas = karras_sigmas(sigmas[-1].item(), sigmas[0].item(), num_steps)
@@ -262,7 +287,7 @@ def dpm_solver_schedule(num_steps: int, cfg: ScheduleConfig, karras: bool = Fals
     """(timesteps (S,) long, sigmas (S+1,) float64 ending in 0): DPMSolverMultistepScheduler's
     grid; Karras σ's span the full training range and their timesteps are rounded."""
     ts = dpm_solver_timesteps(num_steps, cfg)
-    train_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod(cfg))
+    train_sigmas = sigmas_from_alphas_cumprod(_sigma_alphas_cumprod(cfg))
     if karras:
         sigmas = karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), num_steps)
         t = sigma_to_t(sigmas, train_sigmas)

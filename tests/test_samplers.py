@@ -38,8 +38,8 @@ def run_diffusers(sched, noise, num_steps, generator, **step_kwargs):
     return x
 
 
-def diffusers_scheduler(name, prediction_type, spacing, karras):
-    common = dict(SD, prediction_type=prediction_type, timestep_spacing=spacing)
+def diffusers_scheduler(name, prediction_type, spacing, karras, **extra):
+    common = dict(SD, prediction_type=prediction_type, timestep_spacing=spacing, **extra)
     if name == "ddpm":
         return DDPMScheduler(**common, clip_sample=False)
     if name == "ddim":
@@ -73,6 +73,39 @@ def test_parity_with_diffusers(name, karras, eta, prediction_type, spacing, num_
     ours = sample(name, model_fn, noise, cfg, num_steps, eta=eta, karras=karras,
                   generator=torch.Generator().manual_seed(3))
     assert_rel_close(ours, ref)
+
+
+ZERO_SNR_CASES = [(n, k, e, "v_prediction") for n, k, e in CASES] + [
+    (n, k, e, "epsilon") for n, k, e in CASES if n not in ("ddpm", "ddim")]  # ε can't start at SNR 0
+
+
+@pytest.mark.parametrize("name,karras,eta,prediction_type", ZERO_SNR_CASES)
+def test_zero_terminal_snr_parity_with_diffusers(name, karras, eta, prediction_type):
+    # Lin et al. 2023's recipe: ᾱ_T = 0 and "trailing" timesteps, so the first step starts from pure noise
+    noise, generator = noise_and_generator()
+    sched = diffusers_scheduler(name, prediction_type, "trailing", karras, rescale_betas_zero_snr=True)
+    ref = run_diffusers(sched, noise, 10, generator, **({"eta": eta} if name == "ddim" else {}))
+    cfg = ScheduleConfig(prediction_type=prediction_type, timestep_spacing="trailing",
+                         rescale_betas_zero_snr=True)
+    seen = []
+    ours = sample(name, model_fn, noise, cfg, 10, eta=eta, karras=karras,
+                  generator=torch.Generator().manual_seed(3), callback=seen.append)
+    assert torch.isfinite(ours).all()
+    assert_rel_close(ours, ref, rtol=1e-4)  # diffusers' float32 at σ_T = 4096 and β̃ near ᾱ = 0
+    if not karras:
+        assert seen[0]["t"] == 999
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_zero_terminal_snr_with_epsilon_prediction_is_refused(name):
+    # diffusers divides by √ᾱ_T = 0 here and returns NaN; we say what to change
+    noise, _ = noise_and_generator()
+    cfg = ScheduleConfig(timestep_spacing="trailing", rescale_betas_zero_snr=True)
+    with pytest.raises(ValueError, match="v_prediction"):
+        sample(name, model_fn, noise, cfg, 10)
+    leading = sample(name, model_fn, noise, ScheduleConfig(rescale_betas_zero_snr=True), 10,
+                     generator=torch.Generator().manual_seed(0))   # starts at t = 901: fine
+    assert torch.isfinite(leading).all()
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

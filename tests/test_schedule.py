@@ -35,6 +35,21 @@ def test_alphas_cumprod_matches_diffusers(name, start, end, rtol):
     assert ((ours.float() - ref).abs() / ref).max() < rtol
 
 
+@pytest.mark.parametrize("name,start,end,rtol", SCHEDULES[:2])
+def test_zero_terminal_snr_matches_diffusers(name, start, end, rtol):
+    ours = alphas_cumprod(ScheduleConfig(beta_schedule=name, beta_start=start, beta_end=end,
+                                         rescale_betas_zero_snr=True))
+    ref = DDIMScheduler(beta_schedule=name, beta_start=start, beta_end=end,
+                        rescale_betas_zero_snr=True).alphas_cumprod
+    plain = alphas_cumprod(ScheduleConfig(beta_schedule=name, beta_start=start, beta_end=end))
+    assert ours[-1].item() == 0 and plain[-1].item() > 1e-5       # x_T holds no signal at all
+    assert ours[0].item() == pytest.approx(plain[0].item(), rel=1e-12)  # ᾱ_1 is kept
+    assert (ours[1:].diff() < 0).all()                                   # still a noising schedule
+    # diffusers subtracts √ᾱ_T in float32: ~1e-11 absolute error where ᾱ falls to ~1e-7
+    assert torch.allclose(ours.float(), ref, rtol=rtol, atol=1e-10)
+    assert ref[-1].item() == pytest.approx(0, abs=1e-9)
+
+
 def test_scaled_linear_is_compvis_linear_in_float64():
     # CompVis ldm.modules.diffusionmodules.util.make_beta_schedule("linear"), then np.cumprod
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
@@ -189,6 +204,20 @@ def test_min_snr_weighting_counts_each_error_as_a_clipped_x0_error():
     assert diffusion_loss(out, x0, noise, t, ac, "epsilon", snr_gamma=1e9).item() == pytest.approx(plain, rel=1e-5)
     with pytest.raises(ValueError, match="snr_gamma"):
         diffusion_loss(out, x0, noise, t, ac, "epsilon", snr_gamma=-1)
+
+
+@pytest.mark.parametrize("prediction_type,weight_at_T", [("epsilon", 1.0), ("v_prediction", 0.0),
+                                                         ("sample", 0.0)])
+def test_min_snr_weighting_is_finite_at_zero_terminal_snr(prediction_type, weight_at_T):
+    # min(SNR, γ)/SNR → 1 as SNR → 0 for ε; the v and x0 weights vanish with the SNR
+    ac = alphas_cumprod(ScheduleConfig(rescale_betas_zero_snr=True))
+    g = torch.Generator().manual_seed(4)
+    x0, noise, out = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    t = torch.tensor([999, 999])
+    loss = diffusion_loss(out, x0, noise, t, ac, prediction_type, snr_gamma=5)
+    target = {"epsilon": noise, "v_prediction": -x0, "sample": x0}[prediction_type]
+    want = weight_at_T * (out - target).pow(2).mean().item()
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(want, rel=1e-5, abs=1e-12)
 
 
 def test_offset_noise_shifts_each_channel_by_one_constant():
