@@ -185,3 +185,20 @@ def test_save_is_atomic(saved, tmp_path, monkeypatch):
         saved["sd2"]["pipe"].save_pretrained(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_zero_terminal_snr_survives_diffusers_scheduler_configs():
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from ldm.config import ScheduleConfig
+    from ldm.schedule import alphas_cumprod
+    cfg = ScheduleConfig(prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True)
+    sched = DDIMScheduler.from_config(checkpoint.schedule_to_diffusers(cfg))
+    assert sched.config.rescale_betas_zero_snr and sched.alphas_cumprod[-1].item() < 1e-9
+    assert torch.allclose(sched.alphas_cumprod, alphas_cumprod(cfg).float(), rtol=1e-5, atol=1e-10)
+    # a diffusers folder's scheduler_config.json, whatever scheduler class wrote it
+    other = DPMSolverMultistepScheduler(prediction_type="v_prediction", timestep_spacing="trailing",
+                                        rescale_betas_zero_snr=True, beta_schedule="scaled_linear",
+                                        beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    assert checkpoint.schedule_from_diffusers(dict(other.config)) == cfg
+    assert not checkpoint.schedule_from_diffusers({}).rescale_betas_zero_snr
