@@ -14,21 +14,39 @@ from .schedule import sigmas_from_alphas_cumprod, t_to_sigma
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def check_guidance_rescale(guidance_rescale: float) -> None:
+    if not isinstance(guidance_rescale, (int, float)) or not 0 <= guidance_rescale <= 1:
+        raise ValueError(f"guidance_rescale must be a number in [0, 1] (0 = off, 0.7 as in Lin et al. "
+                         f"2023), got {guidance_rescale!r}")
+
+
+def rescale_cfg(guided: torch.Tensor, out_cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
+    """CFG rescale (Lin et al. 2023, §3.4; diffusers' `rescale_noise_cfg`): give each sample the std of
+    the conditional output (large scales overexpose), blended by φ to keep some detail."""
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (out_cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+
+
 def classifier_free(unet, context: torch.Tensor, uncond_context: torch.Tensor,
-                    guidance_scale: float) -> ModelFn:
+                    guidance_scale: float, guidance_rescale: float = 0.0) -> ModelFn:
     """Classifier-free guidance (Ho & Salimans 2022): out_∅ + s (out_y − out_∅), one batched call.
-    `unet(x, t, context)`; order [uncond, cond] as CompVis/diffusers. s == 1 skips the uncond half."""
+    `unet(x, t, context)`; order [uncond, cond] as CompVis/diffusers. s == 1 skips the uncond half.
+    guidance_rescale φ ∈ [0, 1] then applies `rescale_cfg`, only for s > 1 as diffusers does."""
+    check_guidance_rescale(guidance_rescale)
     if context.shape != uncond_context.shape:
         raise ValueError(f"context {tuple(context.shape)} and uncond_context "
                          f"{tuple(uncond_context.shape)} must have the same shape")
     if guidance_scale == 1:
         return lambda x, t: unet(x, t, context)
     both_context = torch.cat([uncond_context, context])  # (2B, L, D)
+    rescale = guidance_scale > 1 and guidance_rescale > 0
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = unet(torch.cat([x, x]), torch.cat([t, t]), both_context)  # (2B, C, h, w)
         out_uncond, out_cond = out.chunk(2)                              # 2 × (B, C, h, w)
-        return out_uncond + guidance_scale * (out_cond - out_uncond)
+        guided = out_uncond + guidance_scale * (out_cond - out_uncond)
+        return rescale_cfg(guided, out_cond, guidance_rescale) if rescale else guided
 
     return model_fn
 

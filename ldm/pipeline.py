@@ -14,7 +14,7 @@ from PIL import Image
 from . import checkpoint
 from .config import LDMConfig
 from .diffusion import LatentDiffusion
-from .guidance import classifier_free
+from .guidance import check_guidance_rescale, classifier_free
 from .samplers import SAMPLERS, sample
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -115,10 +115,10 @@ class Pipeline:
         """Scaled latents -> x (B, 3, H, W) in [-1, 1] (float32)."""
         return self.model.decode_first_stage(z.to(self.device, self.dtype)).float().clamp(-1, 1)
 
-    def _model_fn(self, context, uncond_context, guidance_scale):
+    def _model_fn(self, context, uncond_context, guidance_scale, guidance_rescale=0.0):
         unet, dtype = self.unet, self.dtype
         guided = classifier_free(lambda x, t, c: unet(x.to(dtype), t, c).float(),
-                                 context, uncond_context, guidance_scale)
+                                 context, uncond_context, guidance_scale, guidance_rescale)
         return guided
 
     # -- text to image ----------------------------------------------------------------------------
@@ -128,9 +128,11 @@ class Pipeline:
                  height: int | None = None, width: int | None = None, seed: int | None = None,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  sampler: str | None = None, eta: float = 0.0, karras: bool = False,
-                 num_images_per_prompt: int = 1, output_type: str = "pil", callback=None):
+                 num_images_per_prompt: int = 1, output_type: str = "pil", callback=None,
+                 guidance_rescale: float = 0.0):  # last: positional callers keep working
         """Images for `prompt`: a list of PIL images, a float array (N, H, W, 3) in [0, 1] ("np"),
-        or latents ("latent"). Defaults come from the model's config."""
+        or latents ("latent"). Defaults come from the model's config. guidance_rescale φ ∈ [0, 1]:
+        CFG rescale (Lin et al. 2023) against overexposure at high guidance_scale; 0 = off."""
         cfg = self.config
         steps = cfg.default_steps if steps is None else steps
         guidance_scale = cfg.default_guidance_scale if guidance_scale is None else guidance_scale
@@ -139,6 +141,7 @@ class Pipeline:
         prompts = _as_list(prompt, "prompt")
         negatives = self._check(prompts, negative_prompt, steps, guidance_scale, height, width,
                                 sampler, output_type, num_images_per_prompt, seed)
+        check_guidance_rescale(guidance_rescale)                                # before any work
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
         f = cfg.autoencoder.downsample_factor
@@ -160,7 +163,7 @@ class Pipeline:
             enc = self.encode_prompt(unique)                                    # (U, L, D)
             uncond_context = enc[[unique.index(n) for n in negatives]]          # (N, L, D)
         model_fn = self._model_fn(context, uncond_context if uncond_context is not None else context,
-                                  guidance_scale)
+                                  guidance_scale, guidance_rescale)
         z0 = sample(sampler, model_fn, latents, cfg.schedule, steps, eta=eta, karras=karras,
                     generator=generator, callback=callback)                    # (N, C, h, w)
         if output_type == "latent":
@@ -169,7 +172,7 @@ class Pipeline:
         if output_type == "np":
             return ((x + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
         images = to_pil(x)
-        params = dict(steps=steps, guidance_scale=guidance_scale,
+        params = dict(steps=steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                       sampler=sampler + ("_karras" if karras else ""), seed=seed, height=height,
                       width=width)
         for i, (img, p, n) in enumerate(zip(images, prompts, negatives)):
