@@ -117,9 +117,8 @@ class Pipeline:
 
     def _model_fn(self, context, uncond_context, guidance_scale, guidance_rescale=0.0):
         unet, dtype = self.unet, self.dtype
-        guided = classifier_free(lambda x, t, c: unet(x.to(dtype), t, c).float(),
-                                 context, uncond_context, guidance_scale, guidance_rescale)
-        return guided
+        return classifier_free(lambda x, t, c: unet(x.to(dtype), t, c).float(),
+                               context, uncond_context, guidance_scale, guidance_rescale)
 
     # -- text to image ----------------------------------------------------------------------------
     @torch.no_grad()

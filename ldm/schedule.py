@@ -179,9 +179,9 @@ def diffusion_loss(model_output, x0, noise, t, alphas_cumprod, prediction_type: 
     snr = ac / (1 - ac)
     # the x0 error equals the ε error / SNR, the v error / (SNR + 1), the x0 error itself; the ε
     # weight min(SNR, γ)/SNR is written as min(1, γ/SNR) to stay finite at zero terminal SNR
-    weight = {"epsilon": lambda: (snr_gamma / snr).clamp(max=1.0),
-              "v_prediction": lambda: snr.clamp(max=snr_gamma) / (snr + 1),
-              "sample": lambda: snr.clamp(max=snr_gamma)}[prediction_type]()
+    weight = {"epsilon": (snr_gamma / snr).clamp(max=1.0),      # (B,) each: cheap, so no laziness
+              "v_prediction": snr.clamp(max=snr_gamma) / (snr + 1),
+              "sample": snr.clamp(max=snr_gamma)}[prediction_type]
     return (per_sample * weight).mean()
 
 
