@@ -163,14 +163,15 @@ def from_dict(cls, d: dict, where: str = ""):
 
 
 def apply_overrides(cfg, overrides: list[str]):
-    """Apply `a.b.c=value` strings; values are read as YAML (true, 1e-4, [1, 2], null, text)."""
+    """Apply `a.b.c=value` strings; values are read as YAML (true, 1e-4, [1, 2], null, text).
+    An empty value (`model_preset=`) is the empty string, as a shell user means it; `null` is None."""
     import yaml
     for item in overrides:
         key, sep, raw = item.lstrip("-").partition("=")
         if not sep:
             raise ValueError(f"override {item!r} must look like key.sub=value")
         try:
-            value = yaml.safe_load(raw)
+            value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         if isinstance(value, str):  # YAML 1.1 reads "2e-4" as text

@@ -17,6 +17,13 @@ def test_overrides_are_parsed_and_type_checked():
         apply_overrides(sd15(), ["unet.model_channels=wide"])
 
 
+def test_empty_override_is_the_empty_string():
+    from ldm.train_config import TrainConfig
+    assert apply_overrides(TrainConfig(), ["model_preset="]).model_preset == ""
+    with pytest.raises(TypeError, match="model_preset: expected str"):
+        apply_overrides(TrainConfig(), ["model_preset=null"])
+
+
 def test_unknown_nested_key_names_its_path():
     d = tiny().to_dict()
     d["unet"]["heads"] = 3

@@ -173,6 +173,13 @@ def test_cli_writes_imagefolder(tmp_path):
     assert len((tmp_path / "out" / "metadata.jsonl").read_text().splitlines()) == 3
 
 
+def test_repeated_kinds_weight_the_mix():
+    rng = random.Random(0)
+    kinds = [random_scene(rng, kinds=("single", "two_objects", "two_objects", "two_objects")).kind
+             for _ in range(400)]
+    assert 0.65 < kinds.count("two_objects") / len(kinds) < 0.85
+
+
 def test_eval_prompt_file_is_fixed_balanced_and_held_out():
     path = ROOT / "configs" / "eval_prompts.txt"
     lines = path.read_text().splitlines()

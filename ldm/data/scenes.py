@@ -337,7 +337,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=20000)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kinds", nargs="+", choices=KINDS, default=None)
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=None,
+                   help="scene kinds to draw from, uniformly; repeat a kind to draw it more often")
     p.add_argument("--include-held-out", action="store_true")
     p.add_argument("--eval-prompts", metavar="PATH", help="write the fixed eval prompt list")
     args = p.parse_args(argv)
