@@ -176,6 +176,8 @@ def load_train_config(cls, path: str | None = None, overrides=(), init: str | No
     if init_model is not None and cfg.model_preset:
         # train_vae.py refits scale_factor, so only there may it differ
         ignore = TRAINING_ONLY | ({"scale_factor"} if cls is VAETrainConfig else set())
+        if getattr(cfg, "vae", ""):  # --vae replaces the checkpoint's autoencoder, config and all
+            init_model = replace(init_model, autoencoder=model.autoencoder)
         diff = _architecture_diff(model, init_model, ignore=ignore)
         if diff:
             raise ValueError(f"the model config (model_preset={cfg.model_preset!r} plus overrides) does not "

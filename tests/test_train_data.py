@@ -2,6 +2,7 @@
 dropout) and ldm.train_config (strict YAML, overrides, fitting an --init checkpoint)."""
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -176,3 +177,9 @@ def test_train_config_must_fit_init_checkpoint():
     assert own.model.unet.model_channels == 32 and own.model.unet.use_checkpoint
     with pytest.raises(ValueError, match="model_preset is empty and there is no --init"):
         load_train_config(TrainConfig, None, ["model_preset=''"])
+    # a --vae brings its own autoencoder: the checkpoint's (here another scale_factor) is not compared
+    other_vae = replace(file_cfg, autoencoder=replace(file_cfg.autoencoder, scale_factor=0.6))
+    with pytest.raises(ValueError, match="model.autoencoder.scale_factor: config 0.18215, checkpoint 0.6"):
+        load_train_config(TrainConfig, None, [], init="x", read_model=lambda p: other_vae)
+    assert load_train_config(TrainConfig, None, ["vae=v.safetensors"], init="x",
+                             read_model=lambda p: other_vae).model.unet == tiny().unet
