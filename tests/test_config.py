@@ -2,6 +2,7 @@
 import pytest
 
 from ldm.config import LDMConfig, apply_overrides, from_dict, load_yaml, save_yaml, sd15, sd21, tiny
+from ldm.train_config import TrainConfig
 
 
 def test_overrides_are_parsed_and_type_checked():
@@ -18,7 +19,6 @@ def test_overrides_are_parsed_and_type_checked():
 
 
 def test_empty_override_is_the_empty_string():
-    from ldm.train_config import TrainConfig
     assert apply_overrides(TrainConfig(), ["model_preset="]).model_preset == ""
     with pytest.raises(TypeError, match="model_preset: expected str"):
         apply_overrides(TrainConfig(), ["model_preset=null"])
