@@ -198,6 +198,8 @@ def _text_from_diffusers(sd: dict, cfg: TextEncoderConfig) -> dict:
 
 
 def _text_to_diffusers(sd: dict, cfg: TextEncoderConfig) -> tuple[dict, dict]:
+    if cfg.bidirectional:  # transformers' CLIPTextModel would load it with the causal mask: other pictures
+        raise ValueError("diffusers' CLIPTextModel can't express a bidirectional text encoder: save as 'ldm'")
     if cfg.kind == "clip":
         out, arch = text.clip_ours_to_diffusers(sd), "CLIPTextModel"
     elif cfg.kind == "openclip":
@@ -409,17 +411,17 @@ def load_diffusers(folder: Path, allow_pickle: bool = False) -> tuple[LDMConfig,
 
 def save_diffusers(sd: dict, cfg: LDMConfig, folder: Path) -> None:
     import diffusers
-    folder = Path(folder)
-    latent = cfg.latent_size
-    write_safetensors(convert.unet_to_diffusers(_split(sd, UNET), cfg.unet),
-                      folder / "unet" / "diffusion_pytorch_model.safetensors")
-    write_safetensors(convert.vae_to_diffusers(_split(sd, VAE), cfg.autoencoder),
-                      folder / "vae" / "diffusion_pytorch_model.safetensors")
+    folder, version = Path(folder), {"_diffusers_version": diffusers.__version__}
+    # every conversion before any write: a model diffusers can't express leaves no half-written folder
     te_sd, te_config = _text_to_diffusers(_split(sd, TEXT), cfg.text_encoder)
+    parts = {"unet": (convert.unet_to_diffusers(_split(sd, UNET), cfg.unet),
+                      {**unet_config_to_diffusers(cfg.unet, cfg.latent_size), **version}),
+             "vae": (convert.vae_to_diffusers(_split(sd, VAE), cfg.autoencoder),
+                     {**vae_config_to_diffusers(cfg.autoencoder, cfg.sample_size), **version})}
+    for name, (weights, config) in parts.items():
+        write_safetensors(weights, folder / name / "diffusion_pytorch_model.safetensors")
+        _write_json(config, folder / name / "config.json")
     write_safetensors(te_sd, folder / "text_encoder" / "model.safetensors", {"format": "pt"})
-    version = {"_diffusers_version": diffusers.__version__}
-    _write_json({**unet_config_to_diffusers(cfg.unet, latent), **version}, folder / "unet" / "config.json")
-    _write_json({**vae_config_to_diffusers(cfg.autoencoder, cfg.sample_size), **version}, folder / "vae" / "config.json")
     _write_json(te_config, folder / "text_encoder" / "config.json")
     _write_json({**schedule_to_diffusers(cfg.schedule), **version}, folder / "scheduler" / "scheduler_config.json")
     text.save_hf_tokenizer(folder / "tokenizer", cfg.text_encoder.pad_with, cfg.text_encoder.max_length)
@@ -474,6 +476,8 @@ def save(sd: dict, cfg: LDMConfig, path: str | Path, fmt: str = "ldm",
         raise ValueError(f"{path}: single-file checkpoints are written as .safetensors")
     if fmt == "original" and cfg.autoencoder.pixel_scale != 1:
         raise ValueError("the original layout can't express autoencoder.pixel_scale: save as 'ldm'")
+    if fmt == "original" and cfg.text_encoder.bidirectional:
+        raise ValueError("the original layout can't express a bidirectional text encoder: save as 'ldm'")
     meta = {"format": "pt"}
     if fmt == "ldm":
         meta["ldm_config"] = cfg.to_json()

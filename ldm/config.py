@@ -78,6 +78,8 @@ class TextEncoderConfig:
     projection_dim: int = 768        # CLIP text_projection width (unused by SD, kept for round trips)
     d_kv: int = 64                   # t5 only: per-head width
     trainable: bool = False          # trained jointly with the UNet (LDM's τθ)
+    bidirectional: bool = False      # clip only: drop CLIP's causal mask, so every token sees the whole
+                                     # prompt (LDM's BERT-style τθ); t5 is always bidirectional
 
 
 @dataclass(frozen=True)

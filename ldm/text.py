@@ -168,7 +168,7 @@ class CLIPTextEncoder(_TextEncoder):
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        self.layer = cfg.layer
+        self.layer, self.bidirectional = cfg.layer, cfg.bidirectional
         self.tokenizer = Tokenizer(cfg.max_length, cfg.pad_with)
         self.transformer = CLIPTextModel(hf_config_of(cfg))
 
@@ -176,10 +176,16 @@ class CLIPTextEncoder(_TextEncoder):
         return self.tokenizer(prompts)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = self.transformer
+        if self.bidirectional:  # CLIPTextModel.forward always builds the causal mask: run its layers without
+            h = t.embeddings(input_ids=tokens)
+            for block in t.encoder.layers[:None if self.layer == "last" else -1]:
+                h = block(h, None, is_causal=False)
+            return t.final_layer_norm(h)
         if self.layer == "last":
-            return self.transformer(input_ids=tokens).last_hidden_state  # (B, L, D), after final LN
-        out = self.transformer(input_ids=tokens, output_hidden_states=True)
-        return self.transformer.final_layer_norm(out.hidden_states[-2])  # SD2: penultimate + final LN
+            return t(input_ids=tokens).last_hidden_state  # (B, L, D), after final LN
+        out = t(input_ids=tokens, output_hidden_states=True)
+        return t.final_layer_norm(out.hidden_states[-2])  # SD2: penultimate + final LN
 
 
 def _openclip_text_tower(cfg: TextEncoderConfig):
@@ -260,6 +266,9 @@ def build_text_encoder(cfg: TextEncoderConfig, tokenizer_dir: str | Path | None 
         raise ValueError(f"layer must be 'last' or 'penultimate' ('last' for t5), got {cfg.layer!r}")
     if cfg.kind == "t5":
         return T5TextEncoder(cfg, tokenizer_dir)
+    if cfg.bidirectional and cfg.kind != "clip":
+        raise ValueError(f"bidirectional is for kind 'clip' (OpenCLIP's tower keeps its causal mask); "
+                         f"set bidirectional: false for kind {cfg.kind!r}")
     if tokenizer_dir is not None:
         raise ValueError(f"kind {cfg.kind!r} has a built-in tokenizer; tokenizer_dir is for kind 't5' only")
     if cfg.kind == "clip":

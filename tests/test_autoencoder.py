@@ -39,3 +39,4 @@ def test_pixel_scale_wraps_the_network_in_fixed_resampling(tmp_path):
         pipe.save_pretrained(tmp_path / "o.safetensors", "original")
     with pytest.raises(ValueError, match="pixel_scale"):
         pipe.save_pretrained(tmp_path / "d", "diffusers")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # nothing half-written

@@ -12,6 +12,7 @@ from ldm import LatentDiffusion, Pipeline
 from ldm import checkpoint
 from ldm.cli import main as cli
 from ldm.config import sd15, sd21
+from tiny_models import random_model, tiny_sd1
 
 DATA = Path(__file__).parent / "data"
 
@@ -202,3 +203,22 @@ def test_zero_terminal_snr_survives_diffusers_scheduler_configs():
                                         beta_start=0.00085, beta_end=0.012, steps_offset=1)
     assert checkpoint.schedule_from_diffusers(dict(other.config)) == cfg
     assert not checkpoint.schedule_from_diffusers({}).rescale_betas_zero_snr
+
+
+def test_bidirectional_text_encoder_lives_in_ldm_files_only(tmp_path):
+    base = tiny_sd1()
+    cfg = replace(base, text_encoder=replace(base.text_encoder, bidirectional=True))
+    pipe = Pipeline(random_model(cfg))
+    pipe.save_pretrained(tmp_path / "m.safetensors")
+    back = Pipeline.from_pretrained(tmp_path / "m.safetensors")
+    assert back.config.text_encoder.bidirectional
+    prompts = ["a red circle left of a blue square"]
+    with torch.no_grad():
+        assert torch.equal(back.model.cond_stage_model.encode(prompts), pipe.model.cond_stage_model.encode(prompts))
+        causal = Pipeline(random_model(base))
+        assert not torch.allclose(causal.model.cond_stage_model.encode(prompts),
+                                  pipe.model.cond_stage_model.encode(prompts))
+    for fmt, path in (("original", tmp_path / "o.safetensors"), ("diffusers", tmp_path / "d")):
+        with pytest.raises(ValueError, match="bidirectional text encoder: save as 'ldm'"):
+            pipe.save_pretrained(path, fmt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
