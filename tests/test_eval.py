@@ -201,6 +201,14 @@ def test_hard_negatives_fail(shown, asked):
     assert not score(image, asked)["correct"]
 
 
+def test_colour_swap_between_two_objects_is_named():
+    image = render(scene_from_prompt("a blue circle above a red square"), 64)
+    result = score(image, "a red circle above a blue square")
+    assert not result["correct"] and result["reason"] == "colours swapped: blue circle and red square"
+    # any other miss keeps its plain reason
+    assert score(image, "a red star above a blue square")["reason"].startswith("found 0 x red star")
+
+
 def test_evaluate_output_and_errors():
     images = [render(scene_from_prompt(p), 64) for p in ("a red circle", "two blue stars")]
     out = evaluate(images, ["a red circle", "two blue stars"])

@@ -5,6 +5,8 @@ count otherwise), the relation between two objects, and the background colour if
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ldm.eval.detect import Detection, detect
 from ldm.eval.prompts import CATEGORIES, ObjectSpec, PromptSpec, parse
 
@@ -43,13 +45,26 @@ def _check_object(dets: list[Detection], obj: ObjectSpec, exact: bool) -> str | 
     return None
 
 
+def _swapped(spec: PromptSpec, dets: list[Detection]) -> str | None:
+    """The binding failure of two-object prompts, named: both shapes drawn, each in the other's colour."""
+    if len(spec.objects) != 2 or None in (spec.objects[0].colour, spec.objects[1].colour):
+        return None
+    a, b = spec.objects
+    if a.colour == b.colour or a.shape == b.shape:
+        return None
+    crossed = (replace(a, colour=b.colour, size=None), replace(b, colour=a.colour, size=None))
+    if all(any(_matches(d, o) for d in dets) for o in crossed):
+        return f"colours swapped: {b.colour} {a.shape} and {a.colour} {b.shape}"
+    return None
+
+
 def check(spec: PromptSpec, dets: list[Detection], background: str) -> tuple[bool, str]:
     """(passed, reason) for a parsed prompt against detections and the named background."""
     exact = spec.category == "counting"
     for obj in spec.objects:
         reason = _check_object(dets, obj, exact)
         if reason:
-            return False, reason
+            return False, _swapped(spec, dets) or reason
     if spec.relation is not None:
         a_all = [d for d in dets if _matches(d, spec.objects[0])]
         b_all = [d for d in dets if _matches(d, spec.objects[1])]
