@@ -175,6 +175,10 @@ def test_train_config_must_fit_init_checkpoint():
     own = load_train_config(TrainConfig, None, ["model_preset=''", "model.unet.use_checkpoint=True"], init="x",
                             read_model=lambda p: file_cfg)
     assert own.model.unet.model_channels == 32 and own.model.unet.use_checkpoint
+    # fine-tuning a causal text encoder into a bidirectional one (phase 5 in docs/default_model.md)
+    both = load_train_config(TrainConfig, None, ["model_preset=", "model.text_encoder.bidirectional=true"],
+                             init="x", read_model=lambda p: file_cfg)
+    assert both.model.text_encoder.bidirectional and not file_cfg.text_encoder.bidirectional
     with pytest.raises(ValueError, match="model_preset is empty and there is no --init"):
         load_train_config(TrainConfig, None, ["model_preset=''"])
     # a --vae brings its own autoencoder: the checkpoint's (here another scale_factor) is not compared
