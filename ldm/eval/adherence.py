@@ -47,10 +47,10 @@ def _check_object(dets: list[Detection], obj: ObjectSpec, exact: bool) -> str | 
 
 def _swapped(spec: PromptSpec, dets: list[Detection]) -> str | None:
     """The binding failure of two-object prompts, named: both shapes drawn, each in the other's colour."""
-    if len(spec.objects) != 2 or None in (spec.objects[0].colour, spec.objects[1].colour):
+    if len(spec.objects) != 2:
         return None
     a, b = spec.objects
-    if a.colour == b.colour or a.shape == b.shape:
+    if None in (a.colour, b.colour) or a.colour == b.colour or a.shape == b.shape:
         return None
     crossed = (replace(a, colour=b.colour, size=None), replace(b, colour=a.colour, size=None))
     if all(any(_matches(d, o) for d in dets) for o in crossed):
