@@ -30,8 +30,10 @@ from ldm import train_state as ts
 from ldm.autoencoder import DiagonalGaussian
 from ldm.data.images import (CachedLatentDataset, ImageCaptionDataset, build_latent_cache, caption_collate,
                              scan_folder, split_holdout)
+from ldm.data.grounding import GroundedDataset, scenes_by_path
 from ldm.diffusion import LatentDiffusion
 from ldm.ema import EMA
+from ldm.grounding import grounding_loss, recording_cross_attention
 from ldm.pipeline import Pipeline
 from ldm.schedule import alphas_cumprod, diffusion_loss, q_sample, training_noise
 from ldm.train_config import TrainConfig, load_train_config, parse_cli
@@ -65,6 +67,9 @@ def check_config(cfg: TrainConfig, resolution: int) -> None:
         raise ValueError(f"cond_drop must be a probability in [0, 1], got {cfg.cond_drop}")
     if cfg.data.cache_latents and not cfg.data.center_crop:
         raise ValueError("random crops cannot be cached: set data.center_crop=true or data.cache_latents=false")
+    if (cfg.grounding or cfg.grounding_pixel) and (cfg.data.random_flip or m.text_encoder.kind == "t5"):
+        raise ValueError("the grounding loss needs data.random_flip=false (its masks are not flipped) and a "
+                         f"CLIP-BPE text encoder (kind clip or openclip), got kind {m.text_encoder.kind!r}")
     if cfg.mixed_precision not in ("", "no", "fp16", "bf16"):
         raise ValueError(f"mixed_precision must be '', 'no', 'fp16' or 'bf16', got {cfg.mixed_precision!r}")
 
@@ -97,6 +102,13 @@ def main(argv=None) -> None:
                          "optional" if cfg.data.allow_uncaptioned else "required")
     items = report.items[:cfg.data.limit] if cfg.data.limit else report.items
     train_items, _ = split_holdout(items, cfg.data.holdout, cfg.seed)
+    grounded = bool(cfg.grounding or cfg.grounding_pixel)
+    if grounded:
+        scenes = scenes_by_path(cfg.data.path)
+        scenes = [scenes.get(item.path.resolve()) for item in train_items]
+        if not any(scenes):
+            raise ValueError(f"the grounding loss needs scene records in {cfg.data.path}/metadata.jsonl (as "
+                             "`python -m ldm.data.scenes` writes them); set grounding=0 for this data")
 
     accelerator = ts.make_accelerator(cfg)
     main_process, device = accelerator.is_main_process, accelerator.device
@@ -125,7 +137,7 @@ def main(argv=None) -> None:
     model.first_stage_model.requires_grad_(False).eval()
     model.cond_stage_model.requires_grad_(text_trainable).train(text_trainable)
     model.unet.train()
-    model.to(device)
+    model.to(device=device, dtype=torch.float32)  # fp16 init files (most SD releases) train in fp32 + autocast
     denoiser = Denoiser(model.unet, model.cond_stage_model if text_trainable else None)
     n_params = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
     say(f"training {n_params / 1e6:.1f}M parameters on {len(train_items)} images at {resolution} px, "
@@ -150,6 +162,9 @@ def main(argv=None) -> None:
             say(f"warning: {dataset.unreadable} image(s) could not be decoded and are left out")
     else:
         dataset = ImageCaptionDataset(train_items, load_res, cfg.data.center_crop, cfg.data.random_flip, cfg.seed)
+    if grounded:
+        latent_size = load_res // cfg.model.autoencoder.downsample_factor
+        dataset = GroundedDataset(dataset, scenes, model.cond_stage_model.tokenizer, latent_size)
     collate = functools.partial(caption_collate, tokenize=model.cond_stage_model.tokenize, cond_drop=cfg.cond_drop)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
                         num_workers=cfg.data.num_workers,
@@ -182,7 +197,7 @@ def main(argv=None) -> None:
     pbar = tqdm(total=cfg.max_steps, initial=step, disable=not main_process, desc="train_ldm", dynamic_ncols=True)
     t_last, step_last = time.perf_counter(), step
     while step < cfg.max_steps:
-        losses = []
+        losses, losses_g = [], []
         for _ in range(o.grad_accum):
             batch = next(data)
             position += 1
@@ -198,8 +213,13 @@ def main(argv=None) -> None:
                 noise = training_noise(z0, cfg.noise_offset)
                 t = torch.randint(0, T, (z0.shape[0],), device=device)
                 z_t = q_sample(z0, t, noise, ac)                                       # DDPM eq. (4)
-                pred = denoiser(z_t, t, batch["tokens"], context)
+                with recording_cross_attention(model.unet) if grounded else contextlib.nullcontext([]) as maps:
+                    pred = denoiser(z_t, t, batch["tokens"], context)
                 loss = diffusion_loss(pred, z0, noise, t, ac, pt, cfg.snr_gamma)
+                if grounded:
+                    token_loss, pixel_loss = grounding_loss(maps, batch["masks"], batch["groups"])
+                    loss = loss + cfg.grounding * token_loss + cfg.grounding_pixel * pixel_loss
+                    losses_g.append(torch.stack([token_loss, pixel_loss]).detach())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and o.grad_clip > 0:
                     accelerator.clip_grad_norm_(denoiser.parameters(), o.grad_clip)
@@ -219,6 +239,9 @@ def main(argv=None) -> None:
             record = {"step": step, "loss": loss_mean, "lr": lr_scheduler.get_last_lr()[0],
                       "images_per_s": (step - step_last) * per_step / (now - t_last), "skipped_images": n_skipped}
             t_last, step_last = now, step
+            if losses_g:
+                record["grounding_token"], record["grounding_pixel"] = (
+                    accelerator.reduce(torch.stack(losses_g).mean(0), "mean").tolist())
             if main_process:
                 ts.append_jsonl(log_path, record)
                 pbar.set_postfix(loss=f"{loss_mean:.4f}", img_s=f"{record['images_per_s']:.2f}")

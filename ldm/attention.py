@@ -15,8 +15,18 @@ def attention(q, k, v, heads: int):
     return out.transpose(1, 2).reshape(B, Lq, C)
 
 
+def attention_with_probs(q, k, v, heads: int):
+    """`attention`, spelt out, also returning the probabilities averaged over heads: (B, Lq, Lk)."""
+    B, Lq, C = q.shape
+    q, k, v = (x.view(B, -1, heads, C // heads).transpose(1, 2) for x in (q, k, v))  # (B, nh, L, hd)
+    probs = (q @ k.transpose(-1, -2) * (C // heads) ** -0.5).softmax(dim=-1)        # (B, nh, Lq, Lk)
+    return (probs @ v).transpose(1, 2).reshape(B, Lq, C), probs.mean(dim=1)
+
+
 class CrossAttention(nn.Module):
-    """Queries from x; keys and values from `context` (self-attention when context is None)."""
+    """Queries from x; keys and values from `context` (self-attention when context is None).
+    With `record` a list, each call appends its head-averaged probabilities (ldm.grounding)."""
+    record: list | None = None
 
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int):
         super().__init__()
@@ -30,7 +40,12 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, context=None):
         context = x if context is None else context
-        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        if self.record is None:
+            return self.to_out(attention(q, k, v, self.heads))
+        out, probs = attention_with_probs(q, k, v, self.heads)
+        self.record.append(probs)
+        return self.to_out(out)
 
 
 class GEGLU(nn.Module):

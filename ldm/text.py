@@ -65,17 +65,20 @@ class Tokenizer:
             raise ValueError(f"max_length must leave room for start and end tokens, got {max_length}")
         self.max_length, self.pad_with, self.pad_id = max_length, pad_with, PAD_IDS[pad_with]
 
-    def encode(self, text: str) -> list[int]:
-        """BPE ids of `text`, without start/end tokens."""
-        bpe = _bpe()
-        ids = []
+    def words(self, text: str) -> list[tuple[str, list[int]]]:
+        """(word, its BPE ids) for each word of `text` as the tokenizer splits it, in order."""
+        bpe, out = _bpe(), []
         for word in _WORD_RE.findall(unicodedata.normalize("NFC", text).lower()):
             if word in _SPECIAL:
-                ids.append(_SPECIAL[word])
+                out.append((word, [_SPECIAL[word]]))
                 continue
-            word = "".join(bpe.byte_encoder[b] for b in word.encode("utf-8"))
-            ids.extend(bpe.encoder[piece] for piece in bpe.bpe(word).split(" "))
-        return ids
+            pieces = bpe.bpe("".join(bpe.byte_encoder[b] for b in word.encode("utf-8"))).split(" ")
+            out.append((word, [bpe.encoder[piece] for piece in pieces]))
+        return out
+
+    def encode(self, text: str) -> list[int]:
+        """BPE ids of `text`, without start/end tokens."""
+        return [i for _, ids in self.words(text) for i in ids]
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         if isinstance(prompts, str):

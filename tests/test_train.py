@@ -100,6 +100,17 @@ def test_finetune_starts_from_init_and_export_generates(data, tmp_path, monkeypa
     assert 0 < np.asarray(image, dtype=np.float32).std() < 128
 
 
+def test_finetune_from_an_fp16_file_trains_fp32_weights_under_bf16_autocast(data, tmp_path, monkeypatch):
+    # most released SD files are fp16; loading them as-is left fp16 parameters that autocast's LayerNorm rejects
+    init = tmp_path / "init.safetensors"
+    checkpoint.save({k: v.half() for k, v in LatentDiffusion(tiny()).state_dict().items()}, tiny(), init)
+    run_in_process(train_ldm, base_args(data, tmp_path / "run", max_steps=2, mixed_precision="bf16")
+                   + ["--init", str(init)], monkeypatch)
+    export = load_file(tmp_path / "run" / "model.safetensors")
+    assert {v.dtype for v in export.values()} == {torch.float32}
+    assert all(math.isfinite(v) for v in losses(tmp_path / "run").values())
+
+
 def test_config_that_does_not_fit_init_fails_before_training(data, tmp_path):
     init = tmp_path / "init.safetensors"
     checkpoint.save(LatentDiffusion(tiny()).state_dict(), tiny(), init)

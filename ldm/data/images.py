@@ -164,7 +164,7 @@ def load_image(path: Path, resolution: int, center_crop: bool, flip: bool, rng: 
 
 
 class ImageCaptionDataset(Dataset):
-    """{"x": (3, R, R), "caption": str, "seed": int, "skipped": int} per item."""
+    """{"x": (3, R, R), "caption": str, "seed": int, "skipped": int, "item": index of the item used}."""
 
     def __init__(self, items: list[Item], resolution: int, center_crop: bool = True,
                  random_flip: bool = False, seed: int = 0, resize: int = 0):
@@ -188,7 +188,8 @@ class ImageCaptionDataset(Dataset):
                 # a corrupt file must not end an epoch: take the next image, count the skip
                 log.warning("skipping unreadable image %s: %s", item.path, e)
                 continue
-            return {"x": x, "caption": item.caption or "", "seed": seed, "skipped": skipped}
+            return {"x": x, "caption": item.caption or "", "seed": seed, "skipped": skipped,
+                    "item": (index + skipped) % len(self.items)}
         raise RuntimeError(f"no image of the dataset can be decoded (tried {len(self.items)})")
 
 
@@ -207,6 +208,9 @@ def caption_collate(samples: list[dict], tokenize=None, cond_drop: float = 0.0) 
              "skipped": torch.tensor(sum(s["skipped"] for s in samples))}
     if tokenize is not None:
         batch["tokens"] = tokenize(captions)  # (B, L)
+    if "groups" in samples[0]:  # grounding targets (ldm.data.grounding): a dropped caption names nothing
+        batch["masks"] = torch.stack([s["masks"] for s in samples])
+        batch["groups"] = torch.stack([s["groups"] & bool(c) for s, c in zip(samples, captions)])
     return batch
 
 
@@ -215,7 +219,7 @@ def caption_collate(samples: list[dict], tokenize=None, cond_drop: float = 0.0) 
 
 
 class CachedLatentDataset(Dataset):
-    """{"moments": (2C, h, w) mean and logvar, "caption", "seed", "skipped": 0} from a cache file;
+    """{"moments": (2C, h, w) mean and logvar, "caption", "seed", "skipped": 0, "item"} from a cache file;
     images that failed to decode while caching (NaN rows) are left out and counted in `unreadable`."""
 
     def __init__(self, items: list[Item], cache_path: str | Path, seed: int = 0):
@@ -236,7 +240,7 @@ class CachedLatentDataset(Dataset):
         seed = hash((self.seed, self.epoch, index))
         row, flip = self.rows[index], random.Random(seed).randrange(self.moments.shape[1])
         m = torch.from_numpy(np.array(self.moments[row, flip], dtype=np.float32))
-        return {"moments": m, "caption": self.items[row].caption or "", "seed": seed, "skipped": 0}
+        return {"moments": m, "caption": self.items[row].caption or "", "seed": seed, "skipped": 0, "item": row}
 
 
 @torch.no_grad()
