@@ -163,7 +163,7 @@ def main(argv=None) -> None:
     else:
         dataset = ImageCaptionDataset(train_items, load_res, cfg.data.center_crop, cfg.data.random_flip, cfg.seed)
     if grounded:
-        latent_size = load_res // cfg.model.autoencoder.downsample_factor
+        latent_size = resolution // cfg.model.autoencoder.downsample_factor  # the factor counts pixel_scale
         dataset = GroundedDataset(dataset, scenes, model.cond_stage_model.tokenizer, latent_size)
     collate = functools.partial(caption_collate, tokenize=model.cond_stage_model.tokenize, cond_drop=cfg.cond_drop)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
@@ -217,6 +217,9 @@ def main(argv=None) -> None:
                     pred = denoiser(z_t, t, batch["tokens"], context)
                 loss = diffusion_loss(pred, z0, noise, t, ac, pt, cfg.snr_gamma)
                 if grounded:
+                    if batch["masks"].shape[-2:] != z0.shape[-2:]:
+                        raise RuntimeError(f"grounding masks {tuple(batch['masks'].shape[-2:])} do not match "
+                                           f"the latents {tuple(z0.shape[-2:])}")
                     token_loss, pixel_loss = grounding_loss(maps, batch["masks"], batch["groups"])
                     loss = loss + cfg.grounding * token_loss + cfg.grounding_pixel * pixel_loss
                     losses_g.append(torch.stack([token_loss, pixel_loss]).detach())

@@ -45,6 +45,9 @@ def grounding_loss(maps: list[torch.Tensor], masks: torch.Tensor, groups: torch.
         side = math.isqrt(a.shape[1])
         if side < MIN_SIDE or side * side != a.shape[1] or not named.any():
             continue
+        if masks.shape[-1] < side:
+            raise ValueError(f"object masks of {tuple(masks.shape[-2:])} are coarser than a {side}x{side} "
+                             "attention map: make them at the latent size")
         m = F.adaptive_avg_pool2d(masks.float(), side).flatten(2)               # (B, K, P)
         ak = torch.einsum("bpl,bkl->bkp", a.float(), g).clamp(1e-6, 1 - 1e-6)   # (B, K, P)
         inside = (ak * m).sum(-1) / ak.sum(-1)                                  # (B, K)

@@ -159,6 +159,18 @@ def test_train_ldm_grounding_pulls_attention_onto_the_named_objects(scenes, tmp_
     assert np.median(trained[-10:]) < np.median(measured[-10:]) - 0.05, (measured, trained)
 
 
+def test_grounding_masks_are_made_at_the_latent_size_with_pixel_scale(scenes, tmp_path, monkeypatch):
+    # pixel_scale 2: the network sees 32-px images of a 64-px model; masks must be 16x16 like its latents
+    # (they were once made at 32 // (2 * 2) = 8 and blown up to the 16x16 attention maps)
+    argv = base_args(scenes, tmp_path, **{"max_steps": 2, "grounding": 0.1, "data.resolution": 64,
+                                          "model.autoencoder.pixel_scale": 2, "model.sample_size": 64})
+    run_in_process(train_ldm, argv, monkeypatch)
+    assert len([line for line in (tmp_path / "log.jsonl").read_text().splitlines() if "grounding_token" in line]) == 2
+    masks = torch.zeros(1, 2, 8, 8)
+    with pytest.raises(ValueError, match="coarser than a 16x16 attention map"):
+        grounding_loss([torch.full((1, 256, 4), 0.25)], masks, torch.ones(1, 2, 4, dtype=torch.bool))
+
+
 def test_grounding_refuses_data_without_scenes_and_flips(tmp_path, monkeypatch):
     bare = tmp_path / "bare"
     bare.mkdir()
