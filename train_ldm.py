@@ -67,9 +67,11 @@ def check_config(cfg: TrainConfig, resolution: int) -> None:
         raise ValueError(f"cond_drop must be a probability in [0, 1], got {cfg.cond_drop}")
     if cfg.data.cache_latents and not cfg.data.center_crop:
         raise ValueError("random crops cannot be cached: set data.center_crop=true or data.cache_latents=false")
-    if (cfg.grounding or cfg.grounding_pixel) and (cfg.data.random_flip or m.text_encoder.kind == "t5"):
-        raise ValueError("the grounding loss needs data.random_flip=false (its masks are not flipped) and a "
-                         f"CLIP-BPE text encoder (kind clip or openclip), got kind {m.text_encoder.kind!r}")
+    if (cfg.grounding or cfg.grounding_pixel) and (cfg.data.random_flip or not cfg.data.center_crop
+                                                  or m.text_encoder.kind == "t5"):
+        raise ValueError("the grounding loss needs data.random_flip=false and data.center_crop=true (its masks "
+                         "are not flipped or cropped) and a CLIP-BPE text encoder (kind clip or openclip), got "
+                         f"kind {m.text_encoder.kind!r}")
     if cfg.mixed_precision not in ("", "no", "fp16", "bf16"):
         raise ValueError(f"mixed_precision must be '', 'no', 'fp16' or 'bf16', got {cfg.mixed_precision!r}")
 

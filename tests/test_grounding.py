@@ -183,6 +183,9 @@ def test_grounding_refuses_data_without_scenes_and_flips(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="data.random_flip=false"):
         run_in_process(train_ldm, base_args(bare, tmp_path / "run", grounding=0.1,
                                             **{"data.random_flip": True}), monkeypatch)
+    with pytest.raises(ValueError, match="data.center_crop=true"):
+        run_in_process(train_ldm, base_args(bare, tmp_path / "run", grounding=0.1,
+                                            **{"data.center_crop": False, "data.cache_latents": False}), monkeypatch)
     with pytest.raises(ValueError, match="grounding must be >= 0"):
         run_in_process(train_ldm, base_args(bare, tmp_path / "run", grounding=-1.0), monkeypatch)
     assert not (tmp_path / "run").exists()  # refused before anything is written
