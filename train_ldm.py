@@ -67,7 +67,7 @@ def check_config(cfg: TrainConfig, resolution: int) -> None:
         raise ValueError(f"cond_drop must be a probability in [0, 1], got {cfg.cond_drop}")
     if cfg.data.cache_latents and not cfg.data.center_crop:
         raise ValueError("random crops cannot be cached: set data.center_crop=true or data.cache_latents=false")
-    if (cfg.grounding or cfg.grounding_pixel) and (cfg.data.random_flip or not cfg.data.center_crop
+    if cfg.grounded and (cfg.data.random_flip or not cfg.data.center_crop
                                                   or m.text_encoder.kind == "t5"):
         raise ValueError("the grounding loss needs data.random_flip=false and data.center_crop=true (its masks "
                          "are not flipped or cropped) and a CLIP-BPE text encoder (kind clip or openclip), got "
@@ -104,8 +104,7 @@ def main(argv=None) -> None:
                          "optional" if cfg.data.allow_uncaptioned else "required")
     items = report.items[:cfg.data.limit] if cfg.data.limit else report.items
     train_items, _ = split_holdout(items, cfg.data.holdout, cfg.seed)
-    grounded = bool(cfg.grounding or cfg.grounding_pixel)
-    if grounded:
+    if cfg.grounded:
         scenes = scenes_by_path(cfg.data.path)
         scenes = [scenes.get(item.path.resolve()) for item in train_items]
         if not any(scenes):
@@ -164,7 +163,7 @@ def main(argv=None) -> None:
             say(f"warning: {dataset.unreadable} image(s) could not be decoded and are left out")
     else:
         dataset = ImageCaptionDataset(train_items, load_res, cfg.data.center_crop, cfg.data.random_flip, cfg.seed)
-    if grounded:
+    if cfg.grounded:
         latent_size = resolution // cfg.model.autoencoder.downsample_factor  # the factor counts pixel_scale
         dataset = GroundedDataset(dataset, scenes, model.cond_stage_model.tokenizer, latent_size)
     collate = functools.partial(caption_collate, tokenize=model.cond_stage_model.tokenize, cond_drop=cfg.cond_drop)
@@ -215,10 +214,10 @@ def main(argv=None) -> None:
                 noise = training_noise(z0, cfg.noise_offset)
                 t = torch.randint(0, T, (z0.shape[0],), device=device)
                 z_t = q_sample(z0, t, noise, ac)                                       # DDPM eq. (4)
-                with recording_cross_attention(model.unet) if grounded else contextlib.nullcontext([]) as maps:
+                with recording_cross_attention(model.unet) if cfg.grounded else contextlib.nullcontext([]) as maps:
                     pred = denoiser(z_t, t, batch["tokens"], context)
                 loss = diffusion_loss(pred, z0, noise, t, ac, pt, cfg.snr_gamma)
-                if grounded:
+                if cfg.grounded:
                     if batch["masks"].shape[-2:] != z0.shape[-2:]:
                         raise RuntimeError(f"grounding masks {tuple(batch['masks'].shape[-2:])} do not match "
                                            f"the latents {tuple(z0.shape[-2:])}")

@@ -30,7 +30,7 @@ SWAP = {"a": "one", "red": "green", "circle": "star", "and": "with", "blue": "ye
 @torch.no_grad()
 def word_sensitivity(pipe: Pipeline, text: str = PROBE) -> list[tuple[str, list[float]]]:
     """(changed word, L2 change of output tokens 1..n+1) for each word of `text` (one BPE token each)."""
-    te = pipe.text_encoder.float()
+    te = pipe.text_encoder
     words = text.split()
     base = te.encode([text])[0]
     rows = []

@@ -7,20 +7,26 @@ from torch import nn
 from .layers import normalize, zero_module
 
 
+def _split_heads(q, k, v, heads: int):
+    B, _, C = q.shape
+    return (x.view(B, -1, heads, C // heads).transpose(1, 2) for x in (q, k, v))  # (B, nh, L, hd)
+
+
+def _merge_heads(out):
+    B, nh, Lq, hd = out.shape
+    return out.transpose(1, 2).reshape(B, Lq, nh * hd)                            # (B, Lq, nh*hd)
+
+
 def attention(q, k, v, heads: int):
     """(B, Lq, nh*hd), (B, Lk, nh*hd) x2 -> (B, Lq, nh*hd). The one place attention runs."""
-    B, Lq, C = q.shape
-    q, k, v = (x.view(B, -1, heads, C // heads).transpose(1, 2) for x in (q, k, v))  # (B, nh, L, hd)
-    out = F.scaled_dot_product_attention(q, k, v)                                   # (B, nh, Lq, hd)
-    return out.transpose(1, 2).reshape(B, Lq, C)
+    return _merge_heads(F.scaled_dot_product_attention(*_split_heads(q, k, v, heads)))
 
 
 def attention_with_probs(q, k, v, heads: int):
     """`attention`, spelt out, also returning the probabilities averaged over heads: (B, Lq, Lk)."""
-    B, Lq, C = q.shape
-    q, k, v = (x.view(B, -1, heads, C // heads).transpose(1, 2) for x in (q, k, v))  # (B, nh, L, hd)
-    probs = (q @ k.transpose(-1, -2) * (C // heads) ** -0.5).softmax(dim=-1)        # (B, nh, Lq, Lk)
-    return (probs @ v).transpose(1, 2).reshape(B, Lq, C), probs.mean(dim=1)
+    q, k, v = _split_heads(q, k, v, heads)
+    probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)     # (B, nh, Lq, Lk)
+    return _merge_heads(probs @ v), probs.mean(dim=1)
 
 
 class CrossAttention(nn.Module):

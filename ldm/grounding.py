@@ -39,16 +39,20 @@ def grounding_loss(maps: list[torch.Tensor], masks: torch.Tensor, groups: torch.
     token: (1 - the share of the object's tokens' attention that falls inside its mask)^2 (TokenCompose's
     L_token); pixel: BCE between the attention to the object's tokens at each position and its mask."""
     named = groups.any(dim=-1)                                                  # (B, K)
-    g = groups.float()
     token, pixel, n = masks.new_zeros(()), masks.new_zeros(()), 0
+    if not named.any():
+        return token, pixel
+    g, pooled = groups.float(), {}
     for a in maps:
         side = math.isqrt(a.shape[1])
-        if side < MIN_SIDE or side * side != a.shape[1] or not named.any():
+        if side < MIN_SIDE or side * side != a.shape[1]:
             continue
         if masks.shape[-1] < side:
             raise ValueError(f"object masks of {tuple(masks.shape[-2:])} are coarser than a {side}x{side} "
                              "attention map: make them at the latent size")
-        m = F.adaptive_avg_pool2d(masks.float(), side).flatten(2)               # (B, K, P)
+        if side not in pooled:  # several layers share a size
+            pooled[side] = F.adaptive_avg_pool2d(masks.float(), side).flatten(2)  # (B, K, P)
+        m = pooled[side]
         ak = torch.einsum("bpl,bkl->bkp", a.float(), g).clamp(1e-6, 1 - 1e-6)   # (B, K, P)
         inside = (ak * m).sum(-1) / ak.sum(-1)                                  # (B, K)
         token = token + ((1 - inside) ** 2)[named].mean()

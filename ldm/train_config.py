@@ -82,6 +82,11 @@ class TrainConfig(RunConfig):
     sample_steps: int = 20
     sample_guidance_scale: float = 5.0
 
+    @property
+    def grounded(self) -> bool:
+        """Whether the grounding loss is on (either of its terms)."""
+        return bool(self.grounding or self.grounding_pixel)
+
     def __post_init__(self):
         for name in ("noise_offset", "snr_gamma", "grounding", "grounding_pixel"):
             if getattr(self, name) < 0:

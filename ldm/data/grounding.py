@@ -14,12 +14,11 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from ldm.data.scenes import EXTENT, _draw
-from ldm.eval.prompts import COLOURS, SHAPES
+from ldm.data.scenes import SceneObject, draw_object
+from ldm.eval.prompts import COLOUR_WORDS, SHAPE_WORDS
 from ldm.text import Tokenizer
 
 MAX_OBJECTS = 2  # the scenes hold one or two objects (a counted object is one object with n instances)
-_NOUN = {**{s: s for s in SHAPES}, **{s + ("es" if s == "cross" else "s"): s for s in SHAPES}}
 _COLOUR_AFTER = ("that", "is", "coloured", "colored", "in")  # "a circle that is red", "a circle in red"
 
 
@@ -42,21 +41,19 @@ def object_masks(scene: dict, size: int) -> np.ndarray:
     big = 4 * size
     for k, obj in enumerate(scene["objects"][:MAX_OBJECTS]):
         im = Image.new("L", (big, big), 0)
-        draw = ImageDraw.Draw(im)
-        for cx, cy in obj["centres"]:
-            _draw(draw, obj["shape"], 255, cx * big, cy * big, EXTENT[obj["size"]] * big, 0)
+        draw_object(ImageDraw.Draw(im), SceneObject(**obj), big, 255, 0)
         masks[k] = np.asarray(im.resize((size, size), Image.BOX), np.float32) / 255.0
     return masks
 
 
 def _colour_of(words: list[str], j: int) -> int | None:
-    """Index of the colour word bound to the shape noun at j: just before it, or after "that is" etc."""
-    if j > 0 and words[j - 1] in COLOURS:
+    """Index of the colour word bound to the shape word at j: just before it, or after "that is" etc."""
+    if j > 0 and words[j - 1] in COLOUR_WORDS:
         return j - 1
     k = j + 1
     while k < len(words) and k <= j + 3 and words[k] in _COLOUR_AFTER:
         k += 1
-    return k if k > j + 1 and k < len(words) and words[k] in COLOURS else None
+    return k if k > j + 1 and k < len(words) and words[k] in COLOUR_WORDS else None
 
 
 def token_groups(caption: str, scene: dict, tokenizer: Tokenizer) -> np.ndarray:
@@ -69,10 +66,11 @@ def token_groups(caption: str, scene: dict, tokenizer: Tokenizer) -> np.ndarray:
     objects = [(o["colour"], o["shape"]) for o in scene["objects"][:MAX_OBJECTS]]
     groups = np.zeros((MAX_OBJECTS, tokenizer.max_length), bool)
     for j, word in enumerate(names):
-        c = _colour_of(names, j) if word in _NOUN else None
-        if c is None or (names[c], _NOUN[word]) not in objects:
+        c = _colour_of(names, j) if word in SHAPE_WORDS else None
+        named = (COLOUR_WORDS[names[c]], SHAPE_WORDS[word]) if c is not None else None
+        if named not in objects:
             continue
-        k = objects.index((names[c], _NOUN[word]))
+        k = objects.index(named)
         for w in (c, j):
             lo, hi = starts[w], min(starts[w + 1], tokenizer.max_length - 1)  # the last slot is EOS
             groups[k, lo:hi] = True

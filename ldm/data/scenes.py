@@ -194,6 +194,12 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, colour, cx, cy, s, bg) -> None:
         draw.polygon(_polygon(shape, cx, cy, s), fill=colour)
 
 
+def draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, big: int, fill, bg) -> None:
+    """Every instance of `obj` on a `big`-pixel canvas, in `fill` (a ring's hole in `bg`)."""
+    for cx, cy in obj.centres:
+        _draw(draw, obj.shape, fill, cx * big, cy * big, EXTENT[obj.size] * big, bg)
+
+
 def render(scene: Scene, size: int = 64) -> Image.Image:
     """Render `scene` as a `size` x `size` RGB image (drawn at 4x, downsampled with LANCZOS)."""
     if not isinstance(size, numbers.Integral) or size < 8:
@@ -204,9 +210,7 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     img = Image.new("RGB", (big, big), bg)
     draw = ImageDraw.Draw(img)
     for obj in scene.objects:
-        for cx, cy in obj.centres:
-            _draw(draw, obj.shape, COLOURS[obj.colour], cx * big, cy * big,
-                  EXTENT[obj.size] * big, bg)
+        draw_object(draw, obj, big, COLOURS[obj.colour], bg)
     return img.resize((size, size), Image.LANCZOS)
 
 

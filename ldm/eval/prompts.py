@@ -38,12 +38,12 @@ _PHRASES = [  # (regex, replacement) applied in order on the lower-cased prompt
 ]
 _COUNTS = {"a": 1, "an": 1, "one": 1, "single": 1, "1": 1, "two": 2, "2": 2, "three": 3, "3": 3,
            "four": 4, "4": 4, "five": 5, "5": 5}
-_SHAPE_WORDS = {s: s for s in SHAPES} | {
+SHAPE_WORDS = {s: s for s in SHAPES} | {
     "circles": "circle", "disc": "circle", "discs": "circle", "disk": "circle", "disks": "circle",
     "squares": "square", "triangles": "triangle", "diamonds": "diamond", "rhombus": "diamond",
     "stars": "star", "crosses": "cross", "plus": "cross", "rings": "ring", "donut": "ring",
     "doughnut": "ring", "donuts": "ring", "hearts": "heart"}
-_COLOUR_WORDS = {c: c for c in COLOURS} | {"violet": "purple", "turquoise": "cyan"}
+COLOUR_WORDS = {c: c for c in COLOURS} | {"violet": "purple", "turquoise": "cyan"}
 _BG_WORDS = {"light_grey": "light grey", "dark_grey": "dark grey", "beige": "beige",
              "navy": "navy"}
 _SIZE_WORDS = {"small": "small", "little": "small", "tiny": "small", "large": "large",
@@ -104,7 +104,7 @@ def _is_prefix_colour(tokens: list[str], i: int) -> bool:
     j = i + 1
     while j < len(tokens) and (tokens[j] in _SIZE_WORDS or tokens[j] in ("and", "shaped")):
         j += 1
-    return j < len(tokens) and tokens[j] in _SHAPE_WORDS
+    return j < len(tokens) and tokens[j] in SHAPE_WORDS
 
 
 def _background(tokens: list[str]) -> tuple[str | None, set[int]]:
@@ -117,7 +117,7 @@ def _background(tokens: list[str]) -> tuple[str | None, set[int]]:
             word = tokens[j]
             if word in _BG_WORDS:
                 return _BG_WORDS[word], {i, j}
-            if word in _COLOUR_WORDS or word in ("white", "black", "grey"):
+            if word in COLOUR_WORDS or word in ("white", "black", "grey"):
                 raise ValueError(f"unsupported background colour {word!r}; "
                                  f"use one of {sorted(BACKGROUNDS)}")
         return None, {i}
@@ -147,20 +147,20 @@ def parse(prompt: str) -> PromptSpec:
             pending["count"] = _COUNTS[tok]
         elif tok in _SIZE_WORDS:
             pending["size"] = _SIZE_WORDS[tok]
-        elif tok in _COLOUR_WORDS:
+        elif tok in COLOUR_WORDS:
             if _is_prefix_colour(tokens, i) or not objects or objects[-1].get("colour"):
-                pending["colour"] = _COLOUR_WORDS[tok]
+                pending["colour"] = COLOUR_WORDS[tok]
             else:
-                objects[-1]["colour"] = _COLOUR_WORDS[tok]
-        elif tok in _SHAPE_WORDS:
-            obj = {"shape": _SHAPE_WORDS[tok], "count": 1} | pending
+                objects[-1]["colour"] = COLOUR_WORDS[tok]
+        elif tok in SHAPE_WORDS:
+            obj = {"shape": SHAPE_WORDS[tok], "count": 1} | pending
             if pending_pos is not None:
                 obj["position"], pending_pos = pending_pos, None
             objects.append(obj)
             pending, separated = {}, False
         elif tok in _POSITION_WORDS:
             pos = _POSITION_WORDS[tok]
-            more_shapes = any(t in _SHAPE_WORDS for t in tokens[i + 1:])
+            more_shapes = any(t in SHAPE_WORDS for t in tokens[i + 1:])
             if objects and (not separated or not more_shapes):
                 if objects[-1].get("position") not in (None, pos):
                     raise ValueError(f"two positions for one object in {prompt!r}")
