@@ -1,4 +1,4 @@
-"""Two probes of how a model binds colours to shapes (docs/default_model.md, "Why binding fails").
+"""Three probes of how a model binds colours to shapes (docs/default_model.md, "Why binding fails").
 
 1. Where the text encoder puts each word: for "a red circle and a blue square", change one word at a
    time and measure how far each output token moves (L2). A row is the changed word, a column an
@@ -6,6 +6,11 @@
 2. Where the UNet puts each object: on relation prompts ("A left of B") with two different shapes and
    colours, is the pair of shapes, and separately the pair of colours, drawn in the named order,
    reversed, or not both found?
+3. Who decides where each colour (shape) goes, the prompt or the starting noise? Each relation
+   prompt is drawn again from the same noise with its two colour (shape) words exchanged. If the
+   prompt decides, the two colours (shapes) trade places; if the noise decides, they stay put.
+   Beside it, the first sampling step's x0 prediction: how much it varies across starting noises
+   for a fixed prompt, and across prompts for a fixed noise.
 
     python docs/binding_probe.py [--model PATH] [--prompts 60]
 """
@@ -22,6 +27,7 @@ from ldm.eval.adherence import relation_holds
 from ldm.eval.detect import detect
 from ldm.eval.prompts import parse
 from ldm.pipeline import Pipeline
+from ldm.schedule import alphas_cumprod, eps_and_x0_at, sampling_timesteps
 
 PROBE = "a red circle and a blue square"
 SWAP = {"a": "one", "red": "green", "circle": "star", "and": "with", "blue": "yellow", "square": "heart"}
@@ -41,8 +47,8 @@ def word_sensitivity(pipe: Pipeline, text: str = PROBE) -> list[tuple[str, list[
     return rows
 
 
-def relation_order(pipe: Pipeline, n: int) -> Counter:
-    """Counts of ("shape" | "colour", "named order" | "reversed" | "not both found") over n prompts."""
+def relation_prompts(n: int) -> list[str]:
+    """n captions of two-object relation scenes whose objects differ in both shape and colour."""
     prompts, i = [], 0
     while len(prompts) < n:
         rng = random.Random(f"binding-probe:{i}")
@@ -50,6 +56,12 @@ def relation_order(pipe: Pipeline, n: int) -> Counter:
         a, b = (scene := random_scene(rng, ("two_objects",))).objects
         if scene.relation and a.shape != b.shape and a.colour != b.colour:
             prompts.append(caption(scene, rng))
+    return prompts
+
+
+def relation_order(pipe: Pipeline, n: int) -> Counter:
+    """Counts of ("shape" | "colour", "named order" | "reversed" | "not both found") over n prompts."""
+    prompts = relation_prompts(n)
     counts = Counter()
     for k in range(0, n, 25):
         images = pipe(prompts[k:k + 25], seed=k)
@@ -62,6 +74,66 @@ def relation_order(pipe: Pipeline, n: int) -> Counter:
                 reverse = any(relation_holds(y, x, spec.relation) for x, y in pairs)
                 counts[attr, "named order" if named else "reversed" if reverse else "not both found"] += 1
     return counts
+
+
+def exchange(prompt: str, x: str, y: str) -> str | None:
+    """`prompt` with the words x and y trading places, or None unless each occurs exactly once."""
+    words = prompt.split()
+    if sum(w.strip(".,") == x for w in words) != 1 or sum(w.strip(".,") == y for w in words) != 1:
+        return None
+    return " ".join(w.replace(x, y) if w.strip(".,") == x else w.replace(y, x) if w.strip(".,") == y else w
+                    for w in words)
+
+
+def seed_or_text(pipe: Pipeline, n: int, attr: str) -> Counter:
+    """For up to n relation prompts and the same prompts with their two `attr` words exchanged, drawn
+    from the same noise: does the pair of `attr` values trade places ("prompt decides") or stay
+    ("noise decides")? Pairs where either image lacks exactly one of each are "not both found"."""
+    pairs = []
+    for prompt in relation_prompts(n):
+        a, b = parse(prompt).objects
+        if (swapped := exchange(prompt, getattr(a, attr), getattr(b, attr))) is not None:
+            pairs.append((prompt, swapped))
+    counts = Counter()
+    for k in range(0, len(pairs), 25):
+        chunk = pairs[k:k + 25]
+        firsts = pipe([p for p, _ in chunk], seed=k)
+        seconds = pipe([q for _, q in chunk], seed=k)   # same seed: the same noise per item
+        for (prompt, _), one, two in zip(chunk, firsts, seconds):
+            a, b = parse(prompt).objects
+            offsets = []
+            for image in (one, two):
+                dets, _ = detect(image)
+                da, db = ([d for d in dets if getattr(d, attr) == getattr(o, attr)] for o in (a, b))
+                offsets.append((da[0].cx - db[0].cx, da[0].cy - db[0].cy) if len(da) == len(db) == 1 else None)
+            if None in offsets:
+                counts["not both found"] += 1
+                continue
+            (x1, y1), (x2, y2) = offsets
+            counts["prompt decides" if x1 * x2 + y1 * y2 < 0 else "noise decides"] += 1
+    return counts
+
+
+FIRST_STEP_PROMPTS = ("a red circle to the left of a blue square", "a blue circle to the left of a red square",
+                      "a green star above a yellow heart", "a yellow star above a green heart")
+
+
+@torch.no_grad()
+def first_step_x0(pipe: Pipeline, noises: int = 4) -> dict[str, float]:
+    """x0 predicted at the first sampling step (default steps) for FIRST_STEP_PROMPTS × `noises`
+    starting noises: its std across noises (prompt fixed), across prompts (noise fixed), and the RMS
+    moves from exchanging "red" and "blue" (same noise) and from another noise (same prompt)."""
+    cfg = pipe.config
+    t = int(sampling_timesteps(cfg.default_steps, cfg.schedule)[0])
+    noise = torch.randn(noises, cfg.unet.in_channels, cfg.latent_size, cfg.latent_size,
+                        generator=torch.Generator().manual_seed(0))
+    alpha_bar = float(alphas_cumprod(cfg.schedule)[t])
+    x0 = torch.stack([eps_and_x0_at(pipe.unet(noise, torch.full((noises,), t), pipe.encode_prompt([p] * noises)),
+                                    noise, alpha_bar, cfg.schedule.prediction_type)[1]
+                      for p in FIRST_STEP_PROMPTS])                            # (prompts, noises, C, h, w)
+    return {"t": t, "across noises": x0.std(dim=1).mean().item(), "across prompts": x0.std(dim=0).mean().item(),
+            "red/blue exchanged": (x0[0] - x0[1]).pow(2).mean().sqrt().item(),
+            "another noise": (x0[0, 0] - x0[0, 1]).pow(2).mean().sqrt().item()}
 
 
 def main() -> None:
@@ -80,6 +152,13 @@ def main() -> None:
     for attr in ("shape", "colour"):
         print(f"  {attr:6s}: " + ", ".join(f"{k} {counts[attr, k]}" for k in ("named order", "reversed",
                                                                                "not both found")))
+    print(f"same noise, the two words exchanged ({args.prompts} relation prompts):")
+    for attr in ("colour", "shape"):
+        counts = seed_or_text(pipe, args.prompts, attr)
+        print(f"  {attr:6s}: " + ", ".join(f"{k} {counts[k]}" for k in ("prompt decides", "noise decides",
+                                                                        "not both found")))
+    first = first_step_x0(pipe)
+    print(f"first step's x0 (t = {first.pop('t')}): " + ", ".join(f"{k} {v:.3f}" for k, v in first.items()))
 
 
 if __name__ == "__main__":
