@@ -59,6 +59,11 @@ def relation_prompts(n: int) -> list[str]:
     return prompts
 
 
+def matching(dets, obj, attr: str) -> list:
+    """The detections whose `attr` ("shape" or "colour") is the object's."""
+    return [d for d in dets if getattr(d, attr) == getattr(obj, attr)]
+
+
 def relation_order(pipe: Pipeline, n: int) -> Counter:
     """Counts of ("shape" | "colour", "named order" | "reversed" | "not both found") over n prompts."""
     prompts = relation_prompts(n)
@@ -68,7 +73,7 @@ def relation_order(pipe: Pipeline, n: int) -> Counter:
         for prompt, image in zip(prompts[k:k + 25], images):
             spec, (dets, _) = parse(prompt), detect(image)
             for attr in ("shape", "colour"):
-                firsts, seconds = ([d for d in dets if getattr(d, attr) == getattr(o, attr)] for o in spec.objects)
+                firsts, seconds = (matching(dets, o, attr) for o in spec.objects)
                 pairs = [(x, y) for x in firsts for y in seconds if x is not y]
                 named = any(relation_holds(x, y, spec.relation) for x, y in pairs)
                 reverse = any(relation_holds(y, x, spec.relation) for x, y in pairs)
@@ -78,33 +83,32 @@ def relation_order(pipe: Pipeline, n: int) -> Counter:
 
 def exchange(prompt: str, x: str, y: str) -> str | None:
     """`prompt` with the words x and y trading places, or None unless each occurs exactly once."""
-    words = prompt.split()
-    if sum(w.strip(".,") == x for w in words) != 1 or sum(w.strip(".,") == y for w in words) != 1:
+    words, swap = prompt.split(), {x: y, y: x}
+    bare = [w.strip(".,") for w in words]
+    if bare.count(x) != 1 or bare.count(y) != 1:
         return None
-    return " ".join(w.replace(x, y) if w.strip(".,") == x else w.replace(y, x) if w.strip(".,") == y else w
-                    for w in words)
+    return " ".join(w.replace(b, swap[b]) if b in swap else w for w, b in zip(words, bare))
 
 
 def seed_or_text(pipe: Pipeline, n: int, attr: str) -> Counter:
     """For up to n relation prompts and the same prompts with their two `attr` words exchanged, drawn
     from the same noise: does the pair of `attr` values trade places ("prompt decides") or stay
     ("noise decides")? Pairs where either image lacks exactly one of each are "not both found"."""
-    pairs = []
+    pairs = []  # (prompt, the prompt with its two attr words exchanged, its two objects)
     for prompt in relation_prompts(n):
-        a, b = parse(prompt).objects
-        if (swapped := exchange(prompt, getattr(a, attr), getattr(b, attr))) is not None:
-            pairs.append((prompt, swapped))
+        objects = parse(prompt).objects
+        if (swapped := exchange(prompt, *(getattr(o, attr) for o in objects))) is not None:
+            pairs.append((prompt, swapped, objects))
     counts = Counter()
     for k in range(0, len(pairs), 25):
         chunk = pairs[k:k + 25]
-        firsts = pipe([p for p, _ in chunk], seed=k)
-        seconds = pipe([q for _, q in chunk], seed=k)   # same seed: the same noise per item
-        for (prompt, _), one, two in zip(chunk, firsts, seconds):
-            a, b = parse(prompt).objects
+        firsts = pipe([p for p, _, _ in chunk], seed=k)
+        seconds = pipe([q for _, q, _ in chunk], seed=k)   # same seed: the same noise per item
+        for (_, _, objects), one, two in zip(chunk, firsts, seconds):
             offsets = []
             for image in (one, two):
                 dets, _ = detect(image)
-                da, db = ([d for d in dets if getattr(d, attr) == getattr(o, attr)] for o in (a, b))
+                da, db = (matching(dets, o, attr) for o in objects)
                 offsets.append((da[0].cx - db[0].cx, da[0].cy - db[0].cy) if len(da) == len(db) == 1 else None)
             if None in offsets:
                 counts["not both found"] += 1
