@@ -468,6 +468,8 @@ def save(sd: dict, cfg: LDMConfig, path: str | Path, fmt: str = "ldm",
     """Write `sd` (our module's keys) as "ldm" (default), "original" or "diffusers"."""
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    if fmt in ("original", "diffusers") and cfg.matcher is not None:
+        raise ValueError(f"the {fmt} layout has no place for the matcher (ldm/matcher.py): save as 'ldm'")
     if fmt == "diffusers":
         return save_diffusers(sd, cfg, Path(path))
     if fmt not in ("ldm", "original"):

@@ -31,9 +31,12 @@ def png_parameters(info: dict, model_name: str, hash_: str) -> dict[str, str]:
                  f"Model: {model_name}, Batch index: {info['batch_index']}")
     if info.get("guidance_rescale"):  # only when used, so plain images keep the usual layout
         lines[-1] += f", CFG rescale: {info['guidance_rescale']}"
+    if info.get("matcher_scale"):
+        lines[-1] += f", Matcher scale: {info['matcher_scale']}"
     fields = {k: str(info[k]) for k in ("prompt", "negative_prompt", "seed", "steps", "guidance_scale",
                                         "sampler", "height", "width", "batch_index")}
     fields["guidance_rescale"] = str(info.get("guidance_rescale", 0.0))
+    fields["matcher_scale"] = str(info.get("matcher_scale", 0.0))
     return {"parameters": "\n".join(lines), **fields, "model": model_name, "model_hash": hash_}
 
 
@@ -65,7 +68,7 @@ def cmd_generate(args) -> int:
     with tqdm(total=steps, desc="sampling", unit="step", disable=args.quiet) as bar:
         images = pipe(args.prompt, negative_prompt=args.negative, steps=steps, guidance_scale=args.scale,
                       guidance_rescale=args.guidance_rescale, height=args.height, width=args.width,
-                      seed=args.seed, sampler=args.sampler,
+                      seed=args.seed, matcher_scale=args.matcher_scale, sampler=args.sampler,
                       karras=args.karras, eta=args.eta, num_images_per_prompt=args.n,
                       callback=lambda d: bar.update(1))
     hash_ = model_hash(model)
@@ -100,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scale", type=float, help="classifier-free guidance scale (default: the model's)")
     g.add_argument("--guidance-rescale", type=float, default=0.0,
                    help="CFG rescale φ in [0, 1] against overexposure at high --scale (0 = off, 0.7 typical)")
+    g.add_argument("--matcher-scale", type=float,
+                   help="guidance by the model's image–text matcher (default: the model's; 0 = off)")
     g.add_argument("--seed", type=int, help="random seed (default: random, written to the PNG)")
     g.add_argument("--negative", help="negative prompt (replaces the empty prompt as the null condition)")
     g.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: the model's)")

@@ -96,6 +96,16 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class MatcherConfig:
+    """Noised image–text matcher (`ldm/matcher.py`), steering sampling towards the caption by its gradient
+    at t ≥ `guide_from_t`, the steps that settle which colour and shape go where."""
+    channels: int = 48               # image tower width
+    text_layers: int = 2             # bidirectional transformer layers over the caption (width: the
+    heads: int = 4                   #   text encoder's hidden_size, whose token embedding it shares)
+    guide_from_t: int = 500
+
+
+@dataclass(frozen=True)
 class LDMConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
@@ -105,6 +115,8 @@ class LDMConfig:
     default_steps: int = 50
     default_guidance_scale: float = 7.5
     default_sampler: str = "ddim"
+    matcher: MatcherConfig | None = None  # a model with one guides by it at default_matcher_scale
+    default_matcher_scale: float = 0.0
 
     @property
     def latent_size(self) -> int:

@@ -7,7 +7,8 @@ from torch import nn
 
 from .autoencoder import AutoencoderKL
 from .config import LDMConfig
-from .text import build_text_encoder
+from .matcher import NoisedMatcher
+from .text import build_text_encoder, token_embedding_of
 from .unet import UNetModel
 
 
@@ -19,6 +20,9 @@ class LatentDiffusion(nn.Module):
         self.model.diffusion_model = UNetModel(cfg.unet)
         self.first_stage_model = AutoencoderKL(cfg.autoencoder)
         self.cond_stage_model = build_text_encoder(cfg.text_encoder)
+        if cfg.matcher is not None:
+            self.matcher = NoisedMatcher(cfg.matcher, cfg.text_encoder, cfg.unet.in_channels,
+                                         token_embedding_of(self.cond_stage_model, cfg.text_encoder))
 
     @property
     def unet(self) -> UNetModel:

@@ -14,8 +14,9 @@ from PIL import Image
 from . import checkpoint
 from .config import LDMConfig
 from .diffusion import LatentDiffusion
-from .guidance import check_guidance_rescale, classifier_free
+from .guidance import check_guidance_rescale, check_matcher_scale, classifier_free, matcher_guidance
 from .samplers import SAMPLERS, sample
+from .schedule import alphas_cumprod
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "ldm-default.safetensors"
@@ -128,10 +129,11 @@ class Pipeline:
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  sampler: str | None = None, eta: float = 0.0, karras: bool = False,
                  num_images_per_prompt: int = 1, output_type: str = "pil", callback=None,
-                 guidance_rescale: float = 0.0):  # last: positional callers keep working
+                 guidance_rescale: float = 0.0, matcher_scale: float | None = None):  # new ones last
         """Images for `prompt`: a list of PIL images, a float array (N, H, W, 3) in [0, 1] ("np"),
         or latents ("latent"). Defaults come from the model's config. guidance_rescale φ ∈ [0, 1]:
-        CFG rescale (Lin et al. 2023) against overexposure at high guidance_scale; 0 = off."""
+        CFG rescale (Lin et al. 2023) against overexposure at high guidance_scale; 0 = off.
+        matcher_scale: guidance by the model's noised image–text matcher, if it has one; 0 = off."""
         cfg = self.config
         steps = cfg.default_steps if steps is None else steps
         guidance_scale = cfg.default_guidance_scale if guidance_scale is None else guidance_scale
@@ -141,6 +143,8 @@ class Pipeline:
         negatives = self._check(prompts, negative_prompt, steps, guidance_scale, height, width,
                                 sampler, output_type, num_images_per_prompt, seed)
         check_guidance_rescale(guidance_rescale)                                # before any work
+        matcher_scale = cfg.default_matcher_scale if matcher_scale is None else matcher_scale
+        check_matcher_scale(matcher_scale, cfg)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
         f = cfg.autoencoder.downsample_factor
@@ -163,6 +167,10 @@ class Pipeline:
             uncond_context = enc[[unique.index(n) for n in negatives]]          # (N, L, D)
         model_fn = self._model_fn(context, uncond_context if uncond_context is not None else context,
                                   guidance_scale, guidance_rescale)
+        if matcher_scale > 0:
+            tokens = self.text_encoder.tokenize(prompts).to(self.device)        # (N, L)
+            model_fn = matcher_guidance(model_fn, self.model.matcher, tokens, alphas_cumprod(cfg.schedule),
+                                        matcher_scale, cfg.matcher.guide_from_t)
         z0 = sample(sampler, model_fn, latents, cfg.schedule, steps, eta=eta, karras=karras,
                     generator=generator, callback=callback)                    # (N, C, h, w)
         if output_type == "latent":
@@ -172,6 +180,7 @@ class Pipeline:
             return ((x + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
         images = to_pil(x)
         params = dict(steps=steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                      matcher_scale=matcher_scale,
                       sampler=sampler + ("_karras" if karras else ""), seed=seed, height=height,
                       width=width)
         for i, (img, p, n) in enumerate(zip(images, prompts, negatives)):
