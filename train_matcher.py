@@ -21,6 +21,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,8 +49,11 @@ def parse_args(argv=None):
     p.add_argument("--negatives", type=int, default=3, help="per latent: n-1 hard negatives and one other caption")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--pairing-share", type=float, default=0.8,
+                   help="chance that a two-object scene's hard negative exchanges colours, shapes or the relation")
+    p.add_argument("--two-object-share", type=float, default=0.7,
+                   help="share of each batch drawn from two-object scenes (where binding can be wrong)")
     p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the cell-label loss")
-    p.add_argument("--channels", type=int, default=48)
     p.add_argument("--text-layers", type=int, default=2)
     p.add_argument("--guide-from-t", type=int, default=500, help="matcher guidance at t ≥ this")
     p.add_argument("--scale", type=float, default=0.0, help="the written model's default_matcher_scale")
@@ -58,9 +62,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from out-dir/state.pt")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "negatives", "save_every", "channels", "text_layers"):
+    for name in ("steps", "batch_size", "negatives", "save_every", "text_layers"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
+    for name in ("pairing_share", "two_object_share"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     if args.negatives < 2:
         raise ValueError("--negatives must be ≥ 2: at least one hard negative and one other caption")
     return args
@@ -83,8 +90,9 @@ def load_scenes(folders: list[str], load_res: int):
 class Batches:
     """Captions and targets for a list of scene indices: per latent [positive, hard negatives..., other]."""
 
-    def __init__(self, texts, scenes, negatives: int, tokenize):
+    def __init__(self, texts, scenes, negatives: int, tokenize, pairing_share: float):
         self.texts, self.scenes, self.k, self.tokenize = texts, scenes, negatives, tokenize
+        self.pairing_share = pairing_share
 
     def captions(self, idx: list[int], pool: list[int], rng: random.Random) -> torch.Tensor:
         out = []
@@ -93,15 +101,18 @@ class Batches:
             other = rng.choice(pool)
             while other == i:
                 other = rng.choice(pool)
-            out += [positive, *negative_captions(self.scenes[i], self.k - 1, rng), self.texts[other]]
+            out += [positive, *negative_captions(self.scenes[i], self.k - 1, rng, self.pairing_share), self.texts[other]]
         return self.tokenize(out)                                                  # (B·(k+1), L)
 
 
-def step_loss(matcher, aux, z, t, tokens, labels, ac, k: int, generator=None):
+def step_loss(model, aux, z, t, tokens, labels, null, k: int, generator=None):
     """(match BCE, cell-label CE, logits (B, k+1)) for clean latents z (B, C, h, w) noised to t."""
+    matcher, ac = model.matcher, alphas_cumprod(model.config.schedule)
     a = ac[t].float().view(-1, 1, 1, 1)
     x = a.sqrt() * z + (1 - a).sqrt() * torch.randn(z.shape, generator=generator).to(z)
-    image = matcher.image_features(x, t)                                          # (B, P, W)
+    with torch.no_grad():                                                        # the UNet stays frozen
+        features = matcher.unet_features(model.unet, x, t, null)
+    image = matcher.image_features(features)                                     # (B, P, W)
     text, pad = matcher.text_features(tokens)
     logits = matcher.score(image.repeat_interleave(k + 1, 0), text, pad).view(-1, k + 1)
     target = torch.zeros_like(logits)
@@ -120,12 +131,13 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     out = Path(args.out_dir)
-    pipe = Pipeline.from_pretrained(args.model)
-    cfg = replace(pipe.config, matcher=MatcherConfig(args.channels, args.text_layers, guide_from_t=args.guide_from_t),
+    base_cfg, sd = checkpoint.load(args.model)
+    dtype = next(v.dtype for k, v in sd.items() if k.startswith(checkpoint.UNET))  # written back as read
+    cfg = replace(base_cfg, matcher=MatcherConfig(args.text_layers, guide_from_t=args.guide_from_t),
                   default_matcher_scale=args.scale)
     model = LatentDiffusion(cfg)                       # the same model with a fresh matcher attached
-    model.load_state_dict({**pipe.model.state_dict(), **{f"matcher.{k}": v for k, v in
-                                                        model.matcher.state_dict().items()}}, strict=True)
+    model.load_state_dict({**sd, **{f"matcher.{k}": v for k, v in model.matcher.state_dict().items()}},
+                          strict=True)
     model.requires_grad_(False).eval()
     matcher = model.matcher.requires_grad_(True).train()
     grid = cfg.latent_size // 2
@@ -141,7 +153,7 @@ def main(argv=None):
         print(f"encoding {len(items)} images to {cache}")
         build_latent_cache(items, lambda x: model.encode_first_stage(x, sample=False, resample=False),
                            cache, load_res, random_flip=False, batch_size=256)
-    latents = torch.from_numpy(__import__("numpy").load(cache))[:, 0].float()     # (N, C, h, w)
+    latents = torch.from_numpy(np.load(cache))[:, 0].float()     # (N, C, h, w)
     if latents.isnan().any():
         raise ValueError(f"some images could not be decoded while caching ({cache}); remove them")
     labels = torch.stack([cell_labels(s, grid) for s in scenes])                  # (N, 2, grid, grid)
@@ -152,8 +164,12 @@ def main(argv=None):
     if len(train) < args.batch_size:
         raise ValueError(f"{len(train)} training scenes after --holdout {args.holdout}: fewer than "
                          f"--batch-size {args.batch_size}")
-    batches = Batches([i.caption for i in items], scenes, args.negatives, model.cond_stage_model.tokenize)
-    ac = alphas_cumprod(cfg.schedule)
+    batches = Batches([i.caption for i in items], scenes, args.negatives, model.cond_stage_model.tokenize,
+                      args.pairing_share)
+    two = [i for i in train if len(scenes[i].objects) == 2]
+    n_two = min(round(args.batch_size * args.two_object_share), len(two))
+    with torch.no_grad():
+        null = model.cond_stage_model.encode([""])                               # (1, L, D)
 
     # -- optimiser, resume --------------------------------------------------------------------------
     params = list(matcher.parameters()) + list(aux.parameters())
@@ -185,8 +201,8 @@ def main(argv=None):
         matcher.eval()
         line = []
         for t in (900, 700, 400):
-            _, _, lg = step_loss(matcher, aux, latents[held], torch.full((len(held),), t), val_tokens,
-                                 labels[held], ac, args.negatives, torch.Generator().manual_seed(t))
+            _, _, lg = step_loss(model, aux, latents[held], torch.full((len(held),), t), val_tokens,
+                                 labels[held], null, args.negatives, torch.Generator().manual_seed(t))
             beats = (lg[:, :1] > lg[:, 1:-1]).float().mean().item()
             line.append(f"t={t}: positive > hard negative {beats:.2f}")
         matcher.train()
@@ -195,10 +211,10 @@ def main(argv=None):
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="matcher")
     t0 = time.time()
     for step in bar:
-        idx = rng.sample(train, args.batch_size)
+        idx = rng.sample(two, n_two) + rng.sample(train, args.batch_size - n_two)
         t = torch.randint(0, cfg.schedule.num_train_timesteps, (args.batch_size,))
-        match, cell, _ = step_loss(matcher, aux, latents[idx], t, batches.captions(idx, train, rng),
-                                   labels[idx], ac, args.negatives)
+        match, cell, _ = step_loss(model, aux, latents[idx], t, batches.captions(idx, train, rng),
+                                   labels[idx], null, args.negatives)
         loss = match + args.aux_weight * cell
         if not torch.isfinite(loss):
             raise ValueError(f"loss is {loss.item()} at step {step + 1}: lower --lr")
@@ -212,7 +228,7 @@ def main(argv=None):
         if done % args.save_every == 0 or done == args.steps:
             save(done)
             tqdm.write(f"step {done} ({time.time() - t0:.0f} s): {validate()}")
-    Pipeline(model).save_pretrained(out / "model.safetensors")
+    Pipeline(model).save_pretrained(out / "model.safetensors", dtype=dtype)
     print(f"wrote {out / 'model.safetensors'}")
 
 

@@ -99,7 +99,6 @@ class ScheduleConfig:
 class MatcherConfig:
     """Noised image–text matcher (`ldm/matcher.py`), steering sampling towards the caption by its gradient
     at t ≥ `guide_from_t`, the steps that settle which colour and shape go where."""
-    channels: int = 48               # image tower width
     text_layers: int = 2             # bidirectional transformer layers over the caption (width: the
     heads: int = 4                   #   text encoder's hidden_size, whose token embedding it shares)
     guide_from_t: int = 500

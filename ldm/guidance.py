@@ -99,13 +99,10 @@ def check_matcher_scale(matcher_scale: float, cfg) -> None:
                          "use matcher_scale=0")
 
 
-def matcher_guidance(model_fn: ModelFn, matcher, tokens: torch.Tensor, alphas_cumprod: torch.Tensor,
+def matcher_guidance(model_fn: ModelFn, match_logits: ModelFn, alphas_cumprod: torch.Tensor,
                      scale: float, from_t: float) -> ModelFn:
-    """Classifier guidance by log σ(matcher(x_t, t, caption)) (`ldm.matcher.NoisedMatcher`), only at
-    t ≥ from_t: the early steps that decide the layout; later ones only sharpen it."""
-    dtype = next(matcher.parameters()).dtype
-
-    def log_p_match(x, t):
-        return F.logsigmoid(matcher(x.to(dtype), t, tokens).float())          # (B,)
-    guided = classifier_guidance(model_fn, gradient_of(log_p_match), alphas_cumprod, scale)
+    """Classifier guidance by log σ(match_logits(x_t, t)) (a `ldm.matcher.NoisedMatcher` bound to the
+    captions), only at t ≥ from_t: the early steps that decide the layout; later ones only sharpen it."""
+    guided = classifier_guidance(model_fn, gradient_of(lambda x, t: F.logsigmoid(match_logits(x, t).float())),
+                                 alphas_cumprod, scale)
     return lambda x, t: guided(x, t) if float(t.max()) >= from_t else model_fn(x, t)

@@ -1,12 +1,13 @@
 """A noised image–text matcher: p(caption describes the image | x_t, t), for guidance.
 
 GLIDE guided with a CLIP trained on noised images; Dhariwal & Nichol with a noised classifier. This
-is the same idea with a matching head in place of CLIP's dot product: the caption's tokens attend to
-the latent's positions and the positions to the tokens, so "a red circle left of a blue square" and
-"a blue circle left of a red square" can score differently, which a pooled text vector (our tiny text
-encoder's, or CLIP's) hardly tells apart. Trained on latents with hard negatives, captions of the same
-scene with colours, shapes, relation, count or position changed (`ldm.data.negatives`), its gradient
-steers the first sampling steps, where the starting noise otherwise decides which colour goes where.
+is the same idea with a matching head in place of CLIP's dot product, read out from the UNet's own
+features: the caption's tokens attend to the feature map's positions and the positions to the tokens,
+so "a red circle left of a blue square" and "a blue circle left of a red square" can score
+differently, which a pooled text vector hardly tells apart. Trained with hard negatives, captions of
+the same scene with colours, shapes, the relation, a size, count or position changed
+(`ldm.data.matching`); its gradient steers the first sampling steps, where the starting noise
+otherwise decides which colour goes where.
 """
 from __future__ import annotations
 
@@ -14,38 +15,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MatcherConfig, TextEncoderConfig
-from .layers import normalize, timestep_embedding
+from .config import MatcherConfig, TextEncoderConfig, UNetConfig
 from .text import EOS_ID
 
 _FREQUENCIES = 4  # of the sinusoidal image-position features
 
 
-class _ResBlock(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm1, self.norm2 = normalize(channels, 8), normalize(channels, 8)
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.time = nn.Linear(channels, channels)
-
-    def forward(self, x, emb):
-        h = self.conv1(F.silu(self.norm1(x))) + self.time(emb)[:, :, None, None]
-        return x + self.conv2(F.silu(self.norm2(h)))
+def readout_level_index(unet_cfg: UNetConfig) -> int:
+    """Index of the UNet input block that ends the second level (half the latent size)."""
+    if len(unet_cfg.channel_mult) < 2:
+        raise ValueError("a matcher reads the UNet at half the latent size: the UNet needs ≥ 2 levels")
+    return 2 * unet_cfg.num_res_blocks + 1
 
 
 class NoisedMatcher(nn.Module):
-    """logit(x_t, t, tokens) > 0: the caption describes the image. `token_embedding` is the text
-    encoder's (shared, not stored twice; the matcher does not train it)."""
+    """logit(x_t, t, tokens) > 0: the caption describes the image. A readout head (Readout Guidance,
+    Luo et al. 2024) on the frozen UNet's encoder features of x_t under the null prompt: the UNet
+    already knows at t where and what it is about to draw, which a small tower trained from scratch on
+    16×16 latents learns far too slowly (it told colours apart, hardly shapes). `token_embedding` is
+    the text encoder's (shared, not stored twice; the matcher does not train it)."""
 
-    def __init__(self, cfg: MatcherConfig, text_cfg: TextEncoderConfig, latent_channels: int = 4,
+    def __init__(self, cfg: MatcherConfig, text_cfg: TextEncoderConfig, unet_cfg: UNetConfig,
                  token_embedding: nn.Embedding | None = None):
         super().__init__()
-        c, w = cfg.channels, text_cfg.hidden_size
-        if c % 8 or w % cfg.heads or cfg.text_layers < 1:
-            raise ValueError(f"matcher: channels ({c}) must divide by 8 (GroupNorm groups), the text width "
-                             f"({w}) by heads ({cfg.heads}), and text_layers ({cfg.text_layers}) be ≥ 1")
-        self.cfg = cfg
+        w = text_cfg.hidden_size
+        if w % cfg.heads or cfg.text_layers < 1:
+            raise ValueError(f"matcher: the text width ({w}) must divide by heads ({cfg.heads}) and "
+                             f"text_layers ({cfg.text_layers}) be ≥ 1")
+        self.cfg, self.level = cfg, readout_level_index(unet_cfg)
+        mc = unet_cfg.model_channels
         token_embedding = token_embedding or nn.Embedding(text_cfg.vocab_size, w)
         self._token_embedding = [token_embedding]  # in a list: not a submodule, so not saved twice
         self.position = nn.Parameter(torch.randn(text_cfg.max_length, w) * 0.01)
@@ -53,10 +51,9 @@ class NoisedMatcher(nn.Module):
                                            batch_first=True, norm_first=True)
         self.text = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
         self.text_norm = nn.LayerNorm(w)
-        self.stem = nn.Conv2d(latent_channels, c, 3, padding=1)
-        self.time = nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, c))
-        self.blocks = nn.ModuleList([_ResBlock(c) for _ in range(3)])  # 2 at full size, 1 after pooling
-        self.image_out = nn.Sequential(normalize(c, 8), nn.SiLU(), nn.Conv2d(c, w, 1))
+        features = mc * (unet_cfg.channel_mult[1] + unet_cfg.channel_mult[-1])
+        self.readout = nn.Sequential(nn.GroupNorm(8, features), nn.Conv2d(features, w, 1), nn.SiLU(),
+                                     nn.Conv2d(w, w, 1))
         self.image_position = nn.Linear(4 * _FREQUENCIES, w)
         self.tokens_see_image = nn.MultiheadAttention(w, cfg.heads, batch_first=True)
         self.image_sees_tokens = nn.MultiheadAttention(w, cfg.heads, batch_first=True)
@@ -67,14 +64,19 @@ class NoisedMatcher(nn.Module):
     def token_embedding(self) -> nn.Embedding:
         return self._token_embedding[0]
 
-    def image_features(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x_t (B, C, h, w), t (B,) -> (B, h/2 · w/2, width)."""
-        emb = self.time(timestep_embedding(t, self.cfg.channels).to(x.dtype))
-        h = self.stem(x)
-        h = self.blocks[1](self.blocks[0](h, emb), emb)
-        h = self.blocks[2](F.avg_pool2d(h, 2), emb)
-        h = self.image_out(h) + self.grid_position(h.shape[-2:])
-        return h.flatten(2).transpose(1, 2)                                 # (B, P, W)
+    def unet_features(self, unet, x: torch.Tensor, t: torch.Tensor, null_context: torch.Tensor) -> torch.Tensor:
+        """x_t (B, C, h, w), t (B,), the null prompt's context (1 or B, L, D) -> what the UNet's encoder
+        makes of x_t at half the latent size and at its middle: (B, c1 + c2, h/2, w/2)."""
+        middle, skips, _ = unet.encode(x.to(next(unet.parameters()).dtype), t,
+                                       null_context.expand(x.shape[0], -1, -1))
+        half = skips[self.level]
+        return torch.cat([half, F.interpolate(middle, size=half.shape[-2:], mode="nearest")], 1)
+
+    def image_features(self, features: torch.Tensor) -> torch.Tensor:
+        """unet_features (B, F, h', w') -> (B, h' · w', width)."""
+        h = self.readout(features.to(self.position.dtype))
+        h = h + self.grid_position(h.shape[-2:])
+        return h.flatten(2).transpose(1, 2)
 
     def grid_position(self, size) -> torch.Tensor:
         """(W, h, w): where each feature is, in coordinates of the whole image (so at any latent size),
@@ -102,7 +104,8 @@ class NoisedMatcher(nn.Module):
         image_score = self.image_head(torch.cat([image, read], -1)).squeeze(-1).mean(1)  # (N,)
         return token_score + image_score
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, unet, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor,
+                null_context: torch.Tensor) -> torch.Tensor:
         """x_t (B, C, h, w), t (B,), tokens (B, L) -> logits (B,)."""
         text, pad = self.text_features(tokens)
-        return self.score(self.image_features(x, t), text, pad)
+        return self.score(self.image_features(self.unet_features(unet, x, t, null_context)), text, pad)

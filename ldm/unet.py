@@ -112,8 +112,8 @@ class UNetModel(nn.Module):
             return checkpoint(block, h, emb, context, up_size, use_reentrant=False)
         return block(h, emb, context, up_size)
 
-    def forward(self, x, t, context, y=None):
-        """x (B, C, h, w), t (B,) int or float timesteps, context (B, L, D), y (B,) class labels."""
+    def encode(self, x, t, context, y=None):
+        """The encoder half: (middle-block output, the input blocks' outputs (the skips), emb)."""
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))  # (B, 4mc)
@@ -126,7 +126,12 @@ class UNetModel(nn.Module):
         for block in self.input_blocks:
             h = self._run(block, h, emb, context)
             skips.append(h)
-        h = self._run(self.middle_block, h, emb, context)
+        return self._run(self.middle_block, h, emb, context), skips, emb
+
+    def forward(self, x, t, context, y=None):
+        """x (B, C, h, w), t (B,) int or float timesteps, context (B, L, D), y (B,) class labels."""
+        h, skips, emb = self.encode(x, t, context, y)
+        context = context.to(x.dtype)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             # upsample to the next skip's size, so latents need not be a multiple of 2**levels

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ldm import Pipeline
+from ldm.checkpoint import read_safetensors
 from ldm.config import MatcherConfig
 from ldm.data.matching import CELL_CLASSES, PAIRING, cell_labels, negative_captions, perturbations
 from ldm.data.scenes import SceneObject, Scene, caption, layout, random_scene, write_imagefolder
@@ -21,7 +22,7 @@ import train_matcher  # noqa: E402
 
 
 def with_matcher(cfg, scale=0.0, from_t=500):
-    return replace(cfg, matcher=MatcherConfig(channels=16, text_layers=1, heads=4, guide_from_t=from_t),
+    return replace(cfg, matcher=MatcherConfig(text_layers=1, heads=4, guide_from_t=from_t),
                    default_matcher_scale=scale)
 
 
@@ -38,8 +39,11 @@ def test_every_negative_caption_says_something_false_of_the_scene():
     for _ in range(300):
         scene = random_scene(rng)
         truth = _spec(caption(scene, rng))
+        sizes = {(o.colour, o.shape): o.size for o in scene.objects}
         for text in negative_captions(scene, 4, rng):
-            assert _spec(text) != truth, (caption(scene, rng), text)
+            wrong_size = any(o.size not in (None, sizes.get((o.colour, o.shape), o.size))
+                             for o in parse(text).objects)
+            assert _spec(text) != truth or wrong_size, (caption(scene, rng), text)
 
 
 def test_pairing_edits_keep_the_words_and_change_who_has_them():
@@ -79,15 +83,34 @@ def pipe():
     return Pipeline(random_model(with_matcher(tiny_sd1(), scale=5.0, from_t=500)))
 
 
+def _logits(pipe, x, t, tokens):
+    return pipe.model.match_logits(x, t, tokens, pipe.encode_prompt([""]))
+
+
 def test_the_logit_reads_the_caption_up_to_its_end_token_only(pipe):
-    m, te = pipe.model.matcher, pipe.text_encoder
+    te = pipe.text_encoder
     tokens = te.tokenize(["a red circle", "a blue square left of a green star"])
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([900, 100])
     padded = tokens.clone()
     padded[0, 6:] = 320                                      # anything after ⟨eos⟩
-    assert torch.allclose(m(x, t, tokens), m(x, t, padded), atol=1e-6)
+    assert torch.allclose(_logits(pipe, x, t, tokens), _logits(pipe, x, t, padded), atol=1e-6)
     other = te.tokenize(["a blue circle", "a blue square left of a green star"])
-    assert not torch.allclose(m(x, t, tokens)[0], m(x, t, other)[0])
+    assert not torch.allclose(_logits(pipe, x, t, tokens)[0], _logits(pipe, x, t, other)[0])
+
+
+def test_the_matcher_reads_the_unets_features_of_x_t(pipe):
+    tokens = pipe.text_encoder.tokenize(["a red circle"] * 2)
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([500, 500])
+    base = _logits(pipe, x, t, tokens)
+    assert not torch.allclose(base, _logits(pipe, x + 0.5 * torch.randn_like(x), t, tokens))
+    unet = pipe.model.unet
+    with torch.no_grad():
+        saved = unet.middle_block[0].in_layers[2].weight.clone()
+        unet.middle_block[0].in_layers[2].weight.mul_(2)
+        moved = _logits(pipe, x, t, tokens)
+        unet.middle_block[0].in_layers[2].weight.copy_(saved)
+    assert not torch.allclose(base, moved)
+    assert not any(k.startswith("unet") or "diffusion_model" in k for k in pipe.model.matcher.state_dict())
 
 
 def test_the_matcher_shares_the_text_encoders_token_table_and_is_stored_once(pipe, tmp_path):
@@ -106,11 +129,11 @@ def test_the_matcher_shares_the_text_encoders_token_table_and_is_stored_once(pip
 
 
 def test_guidance_acts_at_early_steps_only_and_raises_the_match(pipe):
-    m, cfg = pipe.model.matcher, pipe.config
     tokens = pipe.text_encoder.tokenize(["a red circle left of a blue square"] * 2)
-    ac = alphas_cumprod(cfg.schedule)
+    ac = alphas_cumprod(pipe.config.schedule)
     base = lambda x, t: torch.zeros_like(x)
-    guided = matcher_guidance(base, m, tokens, ac, 3.0, from_t=500)
+    logits = lambda x, t: _logits(pipe, x, t, tokens)
+    guided = matcher_guidance(base, logits, ac, 3.0, from_t=500)
     x = torch.randn(2, 4, 16, 16)
     late = torch.tensor([400, 400])
     assert torch.equal(guided(x, late), base(x, late))
@@ -118,7 +141,7 @@ def test_guidance_acts_at_early_steps_only_and_raises_the_match(pipe):
     eps = guided(x, early)
     assert eps.abs().max() > 0
     # ε̂ = ε − s √(1−ᾱ) ∇ log σ(logit): moving x against ε̂ climbs the matcher's log-probability
-    score = lambda x: torch.nn.functional.logsigmoid(m(x, early, tokens)).sum()
+    score = lambda x: torch.nn.functional.logsigmoid(logits(x, early)).sum()
     with torch.no_grad():
         assert score(x - 1e-2 * eps) > score(x)
 
@@ -152,15 +175,14 @@ def test_a_t5_model_cannot_have_a_matcher():
 @pytest.fixture(scope="module")
 def scene_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("matcher")
-    Pipeline(random_model(tiny_sd1())).save_pretrained(root / "tiny.safetensors")
+    Pipeline(random_model(tiny_sd1())).save_pretrained(root / "tiny.safetensors", dtype=torch.float16)
     write_imagefolder(root / "scenes", 40, size=32, seed=7)
     return root
 
 
 def _train(root, out, *extra):
     train_matcher.main(["--model", str(root / "tiny.safetensors"), "--data", str(root / "scenes"),
-                        "--out-dir", str(out), "--batch-size", "8", "--holdout", "8", "--channels", "16",
-                        "--text-layers", "1", *extra])
+                        "--out-dir", str(out), "--batch-size", "8", "--holdout", "8", "--text-layers", "1", *extra])
 
 
 class Crash(Exception):
@@ -185,7 +207,9 @@ def test_train_matcher_writes_the_model_with_its_matcher_and_resumes_exactly(sce
     _train(scene_data, tmp_path / "crashed", "--steps", "6", "--save-every", "3", "--scale", "7", "--resume")
     a = Pipeline.from_pretrained(tmp_path / "straight" / "model.safetensors")
     b = Pipeline.from_pretrained(tmp_path / "crashed" / "model.safetensors")
-    assert a.config.default_matcher_scale == 7.0 and a.config.matcher.channels == 16
+    assert a.config.default_matcher_scale == 7.0 and a.config.matcher.text_layers == 1
+    written, _ = read_safetensors(tmp_path / "straight" / "model.safetensors")
+    assert {v.dtype for v in written.values()} == {torch.float16}          # the input model's precision
     for k, v in a.model.matcher.state_dict().items():                       # resumed: the same weights
         assert torch.allclose(v, b.model.matcher.state_dict()[k], atol=1e-6), k
     base = Pipeline.from_pretrained(scene_data / "tiny.safetensors")

@@ -1,8 +1,8 @@
 """Training targets of the noised matcher (`ldm/matcher.py`) from scene records.
 
-- Hard negative captions: the same scene with one thing a prompt names changed. Each negative is a `Scene` that differs from the drawn one in a colour, a shape, the pairing of
-colours and shapes, the relation, a count or a position, captioned by the dataset's own captioner
-(`scenes.caption`), so it is a fluent caption that is false of the image, never a garbled one.
+- Hard negative captions: the same scene with one thing a prompt names changed (a colour, a shape,
+  which colour goes with which shape, the relation, a size, a count or a position), captioned by the
+  dataset's own captioner (`scenes.caption`): fluent captions that are false of the image.
 - Cell labels: which colour and shape cover each cell of a coarse grid, an auxiliary dense target
   that teaches the image tower what is where far sooner than the match/no-match bit alone.
 """
@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 
 from ldm.data.scenes import EXTENT, Scene, SceneObject, caption
-from ldm.eval.prompts import COLOURS, INVERSE, POSITIONS, SHAPES
+from ldm.eval.prompts import COLOURS, INVERSE, POSITIONS, SHAPES, parse
 
 
 def scene_from_dict(d: dict) -> Scene:
@@ -49,6 +49,7 @@ def perturbations(scene: Scene) -> list[tuple[str, Scene]]:
         out += [("colour", with_object(i, colour=c)) for c in COLOURS if c not in taken_colours]
         out += [("shape", with_object(i, shape=s)) for s in SHAPES
                 if s != o.shape and (o.colour, s) not in taken_pairs]
+        out.append(("size", with_object(i, size="small" if o.size == "large" else "large")))
         if o.count > 1:
             out += [("count", with_object(i, count=n)) for n in (1, 2, 3) if n != o.count]
         if o.position is not None:
@@ -62,8 +63,24 @@ def negative_captions(scene: Scene, n: int, rng: random.Random, pairing_share: f
     more recolourings and reshapings, so they are drawn with probability `pairing_share` when any exist."""
     edits = perturbations(scene)
     pairing = [e for e in edits if e[0] in PAIRING]
-    return [caption(rng.choice(pairing if pairing and rng.random() < pairing_share else edits)[1], rng)
-            for _ in range(n)]
+    out = []
+    while len(out) < n:
+        name, edited = rng.choice(pairing if pairing and rng.random() < pairing_share else edits)
+        text = _caption_naming_size(edited, scene, rng) if name == "size" else caption(edited, rng)
+        if text is not None:
+            out.append(text)
+    return out
+
+
+def _caption_naming_size(edited: Scene, scene: Scene, rng: random.Random, tries: int = 10) -> str | None:
+    """A caption of `edited` that names the size it changed (captions name sizes 40% of the time;
+    one that doesn't is true of the original image too)."""
+    (obj,) = [e for e, o in zip(edited.objects, scene.objects) if e.size != o.size]
+    for _ in range(tries):
+        text = caption(edited, rng)
+        if any((o.colour, o.shape, o.size) == (obj.colour, obj.shape, obj.size) for o in parse(text).objects):
+            return text
+    return None
 
 
 CELL_CLASSES = (len(COLOURS) + 1, len(SHAPES) + 1)  # the last class of each: no object
