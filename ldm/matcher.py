@@ -43,7 +43,9 @@ class NoisedMatcher(nn.Module):
             raise ValueError(f"matcher: the text width ({w}) must divide by heads ({cfg.heads}) and "
                              f"text_layers ({cfg.text_layers}) be ≥ 1")
         self.cfg, self.level = cfg, readout_level_index(unet_cfg)
-        mc = unet_cfg.model_channels
+        features = unet_cfg.model_channels * (unet_cfg.channel_mult[1] + unet_cfg.channel_mult[-1])
+        if features % 8:
+            raise ValueError(f"matcher: the UNet features it reads ({features} channels) must divide by 8")
         token_embedding = token_embedding or nn.Embedding(text_cfg.vocab_size, w)
         self._token_embedding = [token_embedding]  # in a list: not a submodule, so not saved twice
         self.position = nn.Parameter(torch.randn(text_cfg.max_length, w) * 0.01)
@@ -51,7 +53,6 @@ class NoisedMatcher(nn.Module):
                                            batch_first=True, norm_first=True)
         self.text = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
         self.text_norm = nn.LayerNorm(w)
-        features = mc * (unet_cfg.channel_mult[1] + unet_cfg.channel_mult[-1])
         self.readout = nn.Sequential(nn.GroupNorm(8, features), nn.Conv2d(features, w, 1), nn.SiLU(),
                                      nn.Conv2d(w, w, 1))
         self.image_position = nn.Linear(4 * _FREQUENCIES, w)

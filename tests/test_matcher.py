@@ -4,8 +4,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ldm import Pipeline
 from ldm.checkpoint import read_safetensors
@@ -162,6 +164,20 @@ def test_pipeline_guides_by_default_and_checks_the_scale(pipe):
     v_pred = Pipeline(random_model(with_matcher(tiny_sd2())))
     with pytest.raises(ValueError, match="corrects ε"):
         v_pred("a red circle", matcher_scale=1.0, **kw)
+
+
+def test_ldm_generate_takes_the_matcher_scale_and_records_it(pipe, tmp_path):
+    from ldm.cli import main as cli
+    pipe.save_pretrained(tmp_path / "m.safetensors")
+    args = ["generate", "a red circle", "--model", str(tmp_path / "m.safetensors"), "--steps", "3",
+            "--seed", "2", "-q"]
+    assert cli(args + ["-o", str(tmp_path / "a.png"), "--matcher-scale", "2"]) == 0
+    assert cli(args + ["-o", str(tmp_path / "b.png")]) == 0                      # the model's default: 5
+    a, b = Image.open(tmp_path / "a.png"), Image.open(tmp_path / "b.png")
+    assert a.text["matcher_scale"] == "2.0" and "Matcher scale: 2.0" in a.text["parameters"]
+    assert b.text["matcher_scale"] == "5.0"
+    ref = Pipeline.from_pretrained(tmp_path / "m.safetensors")("a red circle", steps=3, seed=2, matcher_scale=2.0)[0]
+    assert np.array_equal(np.asarray(a), np.asarray(ref)) and not np.array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_a_t5_model_cannot_have_a_matcher():
