@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -146,10 +145,7 @@ def main(argv=None) -> None:
 
     # -- data -------------------------------------------------------------------------------------
     if cfg.data.cache_latents:
-        # a new autoencoder, resolution, flip setting or image file gets a new cache
-        fingerprint = [load_res, cfg.data.random_flip, ts.state_hash(model.first_stage_model.state_dict())]
-        fingerprint += [(str(i.path), i.path.stat().st_mtime_ns) for i in train_items]
-        cache = out / "latents" / f"{hashlib.sha256(repr(fingerprint).encode()).hexdigest()[:16]}.npy"
+        cache = ts.latent_cache_path(out, train_items, load_res, cfg.data.random_flip, model.first_stage_model)
         if main_process and not cache.is_file():
             say(f"caching latents of {len(train_items)} images in {cache}")
 

@@ -14,7 +14,6 @@ no-match (BCE) plus the auxiliary cell labels. A crash loses at most --save-ever
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import random
 import time
@@ -36,7 +35,7 @@ from ldm.data.matching import CELL_CLASSES, cell_labels, negative_captions, scen
 from ldm.data.scenes import caption
 from ldm.diffusion import LatentDiffusion
 from ldm.pipeline import Pipeline
-from ldm.schedule import alphas_cumprod
+from ldm.schedule import alphas_cumprod, q_sample
 
 
 def parse_args(argv=None):
@@ -105,11 +104,11 @@ class Batches:
         return self.tokenize(out)                                                  # (B·(k+1), L)
 
 
-def step_loss(model, aux, z, t, tokens, labels, null, k: int, generator=None):
-    """(match BCE, cell-label CE, logits (B, k+1)) for clean latents z (B, C, h, w) noised to t."""
-    matcher, ac = model.matcher, alphas_cumprod(model.config.schedule)
-    a = ac[t].float().view(-1, 1, 1, 1)
-    x = a.sqrt() * z + (1 - a).sqrt() * torch.randn(z.shape, generator=generator).to(z)
+def step_loss(model, aux, z, t, tokens, labels, null, ac, k: int, generator=None):
+    """(match BCE, cell-label CE, logits (B, k+1)) for clean latents z (B, C, h, w) noised to t;
+    ac: the model's ᾱ (alphas_cumprod)."""
+    matcher = model.matcher
+    x = q_sample(z, t, torch.randn(z.shape, generator=generator).to(z), ac)
     with torch.no_grad():                                                        # the UNet stays frozen
         features = matcher.unet_features(model.unet, x, t, null)
     image = matcher.image_features(features)                                     # (B, P, W)
@@ -146,9 +145,7 @@ def main(argv=None):
     # -- data: latents (cached), captions, scenes ---------------------------------------------------
     load_res = cfg.sample_size // cfg.autoencoder.pixel_scale
     items, scenes = load_scenes(args.data, load_res)
-    fingerprint = [load_res, ts.state_hash(model.first_stage_model.state_dict())]
-    fingerprint += [(str(i.path), i.path.stat().st_mtime_ns) for i in items]
-    cache = out / "latents" / f"{hashlib.sha256(repr(fingerprint).encode()).hexdigest()[:16]}.npy"
+    cache = ts.latent_cache_path(out, items, load_res, False, model.first_stage_model)
     if not cache.is_file():
         print(f"encoding {len(items)} images to {cache}")
         build_latent_cache(items, lambda x: model.encode_first_stage(x, sample=False, resample=False),
@@ -170,6 +167,7 @@ def main(argv=None):
     n_two = min(round(args.batch_size * args.two_object_share), len(two))
     with torch.no_grad():
         null = model.cond_stage_model.encode([""])                               # (1, L, D)
+    ac = alphas_cumprod(cfg.schedule)
 
     # -- optimiser, resume --------------------------------------------------------------------------
     params = list(matcher.parameters()) + list(aux.parameters())
@@ -202,7 +200,7 @@ def main(argv=None):
         line = []
         for t in (900, 700, 400):
             _, _, lg = step_loss(model, aux, latents[held], torch.full((len(held),), t), val_tokens,
-                                 labels[held], null, args.negatives, torch.Generator().manual_seed(t))
+                                 labels[held], null, ac, args.negatives, torch.Generator().manual_seed(t))
             beats = (lg[:, :1] > lg[:, 1:-1]).float().mean().item()
             line.append(f"t={t}: positive > hard negative {beats:.2f}")
         matcher.train()
@@ -214,7 +212,7 @@ def main(argv=None):
         idx = rng.sample(two, n_two) + rng.sample(train, args.batch_size - n_two)
         t = torch.randint(0, cfg.schedule.num_train_timesteps, (args.batch_size,))
         match, cell, _ = step_loss(model, aux, latents[idx], t, batches.captions(idx, train, rng),
-                                   labels[idx], null, args.negatives)
+                                   labels[idx], null, ac, args.negatives)
         loss = match + args.aux_weight * cell
         if not torch.isfinite(loss):
             raise ValueError(f"loss is {loss.item()} at step {step + 1}: lower --lr")

@@ -105,8 +105,13 @@ class NoisedMatcher(nn.Module):
         image_score = self.image_head(torch.cat([image, read], -1)).squeeze(-1).mean(1)  # (N,)
         return token_score + image_score
 
+    def bind(self, unet, tokens: torch.Tensor, null_context: torch.Tensor):
+        """(x_t, t) -> logits (B,) for these captions; the caption side is computed once, not per
+        sampling step."""
+        text, pad = self.text_features(tokens)
+        return lambda x, t: self.score(self.image_features(self.unet_features(unet, x, t, null_context)), text, pad)
+
     def forward(self, unet, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor,
                 null_context: torch.Tensor) -> torch.Tensor:
         """x_t (B, C, h, w), t (B,), tokens (B, L) -> logits (B,)."""
-        text, pad = self.text_features(tokens)
-        return self.score(self.image_features(self.unet_features(unet, x, t, null_context)), text, pad)
+        return self.bind(unet, tokens, null_context)(x, t)

@@ -170,7 +170,7 @@ class Pipeline:
         if matcher_scale > 0:
             tokens = self.text_encoder.tokenize(prompts).to(self.device)        # (N, L)
             null = self.encode_prompt([""])                                     # (1, L, D)
-            model_fn = matcher_guidance(model_fn, lambda x, t: self.model.match_logits(x, t, tokens, null),
+            model_fn = matcher_guidance(model_fn, self.model.matcher.bind(self.unet, tokens, null),
                                         alphas_cumprod(cfg.schedule), matcher_scale, cfg.matcher.guide_from_t)
         z0 = sample(sampler, model_fn, latents, cfg.schedule, steps, eta=eta, karras=karras,
                     generator=generator, callback=callback)                    # (N, C, h, w)

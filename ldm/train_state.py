@@ -233,6 +233,14 @@ def state_hash(sd: dict) -> str:
     return h.hexdigest()
 
 
+def latent_cache_path(folder: str | Path, items, load_res: int, random_flip: bool, autoencoder) -> Path:
+    """folder/latents/<hash>.npy: a new autoencoder, resolution, flip setting or image file gets a
+    new cache (train_ldm.py's and train_matcher.py's)."""
+    fingerprint = [load_res, random_flip, state_hash(autoencoder.state_dict())]
+    fingerprint += [(str(i.path), i.path.stat().st_mtime_ns) for i in items]
+    return Path(folder) / "latents" / f"{hashlib.sha256(repr(fingerprint).encode()).hexdigest()[:16]}.npy"
+
+
 def write_test_hash(tag: str, sd: dict, process_index: int) -> None:
     """With LDM_TEST_HASH_DIR set, every process writes `{tag}-rank{i}.txt` holding state_hash(sd)."""
     folder = os.environ.get("LDM_TEST_HASH_DIR")
