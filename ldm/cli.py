@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -33,10 +34,13 @@ def png_parameters(info: dict, model_name: str, hash_: str) -> dict[str, str]:
         lines[-1] += f", CFG rescale: {info['guidance_rescale']}"
     if info.get("matcher_scale"):
         lines[-1] += f", Matcher scale: {info['matcher_scale']}"
+    if info.get("regions"):
+        lines[-1] += f", Regions: {len(info['regions'])}"
     fields = {k: str(info[k]) for k in ("prompt", "negative_prompt", "seed", "steps", "guidance_scale",
                                         "sampler", "height", "width", "batch_index")}
     fields["guidance_rescale"] = str(info.get("guidance_rescale", 0.0))
     fields["matcher_scale"] = str(info.get("matcher_scale", 0.0))
+    fields["regions"] = json.dumps(info.get("regions", []))
     return {"parameters": "\n".join(lines), **fields, "model": model_name, "model_hash": hash_}
 
 
@@ -56,6 +60,20 @@ def output_paths(out: Path, n: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i:02d}{out.suffix or '.png'}") for i in range(n)]
 
 
+def parse_region(text: str):
+    """`PROMPT@LEFT,TOP,RIGHT,BOTTOM` (fractions of the image) -> Region; ValueError that says how."""
+    from .regions import Region
+    prompt, sep, box = text.rpartition("@")
+    try:
+        numbers = tuple(float(v) for v in box.split(","))
+    except ValueError:
+        numbers = ()
+    if not sep or len(numbers) != 4:
+        raise ValueError(f"--region {text!r}: write PROMPT@LEFT,TOP,RIGHT,BOTTOM with fractions of the "
+                         f"image, e.g. 'a red circle@0,0,0.5,1' for the left half")
+    return Region(prompt.strip(), numbers)
+
+
 def cmd_generate(args) -> int:
     import torch
     from tqdm import tqdm
@@ -64,12 +82,15 @@ def cmd_generate(args) -> int:
     model = Path(args.model) if args.model else default_model_path()
     pipe = Pipeline.from_pretrained(model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
                                     prediction_type=args.prediction_type, allow_pickle=args.allow_pickle)
+    if args.region and args.no_regions:
+        raise ValueError("--region and --no-regions contradict each other: give one")
+    regions = [parse_region(r) for r in args.region] if args.region else None if args.no_regions else "auto"
     steps = args.steps or pipe.config.default_steps
     with tqdm(total=steps, desc="sampling", unit="step", disable=args.quiet) as bar:
         images = pipe(args.prompt, negative_prompt=args.negative, steps=steps, guidance_scale=args.scale,
                       guidance_rescale=args.guidance_rescale, height=args.height, width=args.width,
                       seed=args.seed, matcher_scale=args.matcher_scale, sampler=args.sampler,
-                      karras=args.karras, eta=args.eta, num_images_per_prompt=args.n,
+                      karras=args.karras, eta=args.eta, num_images_per_prompt=args.n, regions=regions,
                       callback=lambda d: bar.update(1))
     hash_ = model_hash(model)
     for image, path in zip(images, output_paths(Path(args.output), len(images))):
@@ -82,6 +103,9 @@ def cmd_convert(args) -> int:
     from .pipeline import Pipeline
     pipe = Pipeline.from_pretrained(args.src, prediction_type=args.prediction_type,
                                     use_ema=args.use_ema, allow_pickle=args.allow_pickle)
+    if args.set:
+        from .config import set_settings
+        pipe.model.config = set_settings(pipe.config, args.set)
     import torch
     pipe.save_pretrained(args.dst, args.to, dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None)
     print(args.dst)
@@ -105,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CFG rescale φ in [0, 1] against overexposure at high --scale (0 = off, 0.7 typical)")
     g.add_argument("--matcher-scale", type=float,
                    help="guidance by the model's image–text matcher (default: the model's; 0 = off)")
+    g.add_argument("--region", action="append", default=[], metavar="PROMPT@L,T,R,B",
+                   help="draw PROMPT in this box (fractions of the image) while the layout forms; "
+                        "repeatable; replaces the model's own layout plan")
+    g.add_argument("--no-regions", action="store_true",
+                   help="don't plan regions with the model's layout planner (the prompt alone)")
     g.add_argument("--seed", type=int, help="random seed (default: random, written to the PNG)")
     g.add_argument("--negative", help="negative prompt (replaces the empty prompt as the null condition)")
     g.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: the model's)")
@@ -129,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prediction-type", choices=["epsilon", "v_prediction"])
     c.add_argument("--use-ema", action="store_true", help="take the UNet from the EMA weights")
     c.add_argument("--allow-pickle", action="store_true")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a sampling setting stored with the model (default_steps, "
+                        "default_guidance_scale, default_sampler, layout_planner, ...); repeatable")
     c.set_defaults(func=cmd_convert)
 
     try:

@@ -116,6 +116,8 @@ class LDMConfig:
     default_sampler: str = "ddim"
     matcher: MatcherConfig | None = None  # a model with one guides by it at default_matcher_scale
     default_matcher_scale: float = 0.0
+    layout_planner: str | None = None  # ldm.layout.PLANNERS name: prompt -> regions (ldm/regions.py)
+    regions_from_t: int = 600          # regions guide the steps at t ≥ this (the layout-forming ones)
 
     @property
     def latent_size(self) -> int:
@@ -193,6 +195,23 @@ def apply_overrides(cfg, overrides: list[str]):
             except (ValueError, SyntaxError):
                 pass
         cfg = _set_path(cfg, key.split("."), value, key)
+    return cfg
+
+
+def set_settings(cfg: "LDMConfig", overrides: list[str]) -> "LDMConfig":
+    """`apply_overrides` limited to the settings that don't change the weights' shapes: the plain
+    top-level fields of LDMConfig (default_steps, default_sampler, layout_planner, ...)."""
+    settings = sorted(f.name for f in fields(LDMConfig) if not is_dataclass(typing.get_type_hints(LDMConfig)[f.name])
+                      and f.name != "matcher")
+    for item in overrides:
+        key = item.lstrip("-").partition("=")[0]
+        if key not in settings:
+            raise ValueError(f"--set {item!r}: only these settings can change without retraining: "
+                             f"{', '.join(settings)}")
+    cfg = apply_overrides(cfg, overrides)
+    if cfg.layout_planner is not None:
+        from .layout import planner
+        planner(cfg.layout_planner)  # a clear error for an unknown name, before anything is written
     return cfg
 
 

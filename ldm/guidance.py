@@ -42,15 +42,21 @@ def classifier_free(unet, context: torch.Tensor, uncond_context: torch.Tensor,
     if guidance_scale == 1:
         return lambda x, t: unet(x, t, context)
     both_context = torch.cat([uncond_context, context])  # (2B, L, D)
-    rescale = guidance_scale > 1 and guidance_rescale > 0
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = unet(torch.cat([x, x]), torch.cat([t, t]), both_context)  # (2B, C, h, w)
-        out_uncond, out_cond = out.chunk(2)                              # 2 × (B, C, h, w)
-        guided = out_uncond + guidance_scale * (out_cond - out_uncond)
-        return rescale_cfg(guided, out_cond, guidance_rescale) if rescale else guided
+        return combine_cfg(*out.chunk(2), guidance_scale, guidance_rescale)
 
     return model_fn
+
+
+def combine_cfg(out_uncond: torch.Tensor, out_cond: torch.Tensor, guidance_scale: float,
+                guidance_rescale: float = 0.0) -> torch.Tensor:
+    """out_∅ + s (out_y − out_∅), then `rescale_cfg` for s > 1 and φ > 0 (as diffusers)."""
+    guided = out_uncond + guidance_scale * (out_cond - out_uncond)
+    if guidance_scale > 1 and guidance_rescale > 0:
+        return rescale_cfg(guided, out_cond, guidance_rescale)
+    return guided
 
 
 def gradient_of(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> ModelFn:

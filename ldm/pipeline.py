@@ -15,6 +15,8 @@ from . import checkpoint
 from .config import LDMConfig
 from .diffusion import LatentDiffusion
 from .guidance import check_guidance_rescale, check_matcher_scale, classifier_free, matcher_guidance
+from .layout import planner
+from .regions import Region, as_regions, box_mask, regional_classifier_free
 from .samplers import SAMPLERS, sample
 from .schedule import alphas_cumprod
 
@@ -116,10 +118,13 @@ class Pipeline:
         """Scaled latents -> x (B, 3, H, W) in [-1, 1] (float32)."""
         return self.model.decode_first_stage(z.to(self.device, self.dtype)).float().clamp(-1, 1)
 
-    def _model_fn(self, context, uncond_context, guidance_scale, guidance_rescale=0.0):
+    def _unet_fn(self):
+        """unet(x, t, context) in the pipeline's dtype, returning float32 for the samplers."""
         unet, dtype = self.unet, self.dtype
-        return classifier_free(lambda x, t, c: unet(x.to(dtype), t, c).float(),
-                               context, uncond_context, guidance_scale, guidance_rescale)
+        return lambda x, t, c: unet(x.to(dtype), t, c).float()
+
+    def _model_fn(self, context, uncond_context, guidance_scale, guidance_rescale=0.0):
+        return classifier_free(self._unet_fn(), context, uncond_context, guidance_scale, guidance_rescale)
 
     # -- text to image ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -129,11 +134,16 @@ class Pipeline:
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  sampler: str | None = None, eta: float = 0.0, karras: bool = False,
                  num_images_per_prompt: int = 1, output_type: str = "pil", callback=None,
-                 guidance_rescale: float = 0.0, matcher_scale: float | None = None):  # new ones last
+                 guidance_rescale: float = 0.0, matcher_scale: float | None = None,
+                 regions="auto", regions_from_t: int | None = None):  # new ones last
         """Images for `prompt`: a list of PIL images, a float array (N, H, W, 3) in [0, 1] ("np"),
         or latents ("latent"). Defaults come from the model's config. guidance_rescale φ ∈ [0, 1]:
         CFG rescale (Lin et al. 2023) against overexposure at high guidance_scale; 0 = off.
-        matcher_scale: guidance by the model's noised image–text matcher, if it has one; 0 = off."""
+        matcher_scale: guidance by the model's noised image–text matcher, if it has one; 0 = off.
+        regions: boxes with their own prompts (`ldm.regions.Region` or (prompt, (left, top, right,
+        bottom)) pairs), one list for every prompt or a list per prompt; "auto" plans them with the
+        model's layout planner (`LDMConfig.layout_planner`) if it has one; None = off. They guide
+        the steps at t ≥ regions_from_t (default: the model's)."""
         cfg = self.config
         steps = cfg.default_steps if steps is None else steps
         guidance_scale = cfg.default_guidance_scale if guidance_scale is None else guidance_scale
@@ -145,7 +155,10 @@ class Pipeline:
         check_guidance_rescale(guidance_rescale)                                # before any work
         matcher_scale = cfg.default_matcher_scale if matcher_scale is None else matcher_scale
         check_matcher_scale(matcher_scale, cfg)
+        per_prompt = self._regions(prompts, regions)
+        regions_from_t = self._check_regions_from_t(regions_from_t)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        per_prompt = [r for r in per_prompt for _ in range(num_images_per_prompt)]
         negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
         f = cfg.autoencoder.downsample_factor
         shape = (len(prompts), cfg.unet.in_channels, height // f, width // f)
@@ -165,8 +178,11 @@ class Pipeline:
             unique = list(dict.fromkeys(negatives))                            # the null prompt once
             enc = self.encode_prompt(unique)                                    # (U, L, D)
             uncond_context = enc[[unique.index(n) for n in negatives]]          # (N, L, D)
-        model_fn = self._model_fn(context, uncond_context if uncond_context is not None else context,
-                                  guidance_scale, guidance_rescale)
+        uncond_context = uncond_context if uncond_context is not None else context
+        model_fn = self._model_fn(context, uncond_context, guidance_scale, guidance_rescale)
+        if any(per_prompt):
+            model_fn = self._regional(per_prompt, shape, context, uncond_context, guidance_scale,
+                                      guidance_rescale, regions_from_t)(model_fn)
         if matcher_scale > 0:
             tokens = self.text_encoder.tokenize(prompts).to(self.device)        # (N, L)
             null = self.encode_prompt([""])                                     # (1, L, D)
@@ -184,9 +200,50 @@ class Pipeline:
                       matcher_scale=matcher_scale,
                       sampler=sampler + ("_karras" if karras else ""), seed=seed, height=height,
                       width=width)
-        for i, (img, p, n) in enumerate(zip(images, prompts, negatives)):
-            img.info.update(params, prompt=p, negative_prompt=n, batch_index=i)
+        for i, (img, p, n, rs) in enumerate(zip(images, prompts, negatives, per_prompt)):
+            img.info.update(params, prompt=p, negative_prompt=n, batch_index=i,
+                            regions=[[r.prompt, list(r.box)] for r in rs])
         return images
+
+    def _regions(self, prompts: list[str], regions) -> list[list[Region]]:
+        """The regions of each prompt (empty lists when off); errors before any work."""
+        if regions is None:
+            return [[] for _ in prompts]
+        if isinstance(regions, str):
+            if regions != "auto":
+                raise ValueError(f"regions must be 'auto', None, or a list of (prompt, box) regions, got {regions!r}")
+            if self.config.layout_planner is None:
+                return [[] for _ in prompts]
+            plan = planner(self.config.layout_planner)
+            return [plan(p) for p in prompts]
+        if not isinstance(regions, (list, tuple)):
+            raise TypeError(f"regions must be 'auto', None, or a list of Region / (prompt, box) pairs "
+                            f"(or one such list per prompt), got {type(regions).__name__}")
+        if all(isinstance(r, Region) or isinstance(r, (list, tuple)) and r and isinstance(r[0], str)
+               for r in regions):
+            return [as_regions(regions) for _ in prompts]      # one list for every prompt
+        if len(regions) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(regions)} region lists: give one list "
+                             f"of regions for every prompt, or one list per prompt")
+        return [as_regions(r) for r in regions]
+
+    def _check_regions_from_t(self, from_t) -> int:
+        from_t = self.config.regions_from_t if from_t is None else from_t
+        last = self.config.schedule.num_train_timesteps
+        if isinstance(from_t, bool) or not isinstance(from_t, (int, float)) or not 0 <= from_t <= last:
+            raise ValueError(f"regions_from_t must be a number in [0, {last}] (regions guide the steps "
+                             f"at t ≥ it; 0 = every step), got {from_t!r}")
+        return from_t
+
+    def _regional(self, per_prompt, shape, context, uncond_context, guidance_scale, guidance_rescale,
+                  from_t):
+        """Wrapper that makes a CFG model function regional (ldm/regions.py)."""
+        flat = [(i, r) for i, rs in enumerate(per_prompt) for r in rs]
+        owner = torch.tensor([i for i, _ in flat], device=self.device)                  # (R,)
+        masks = torch.stack([box_mask(r.box, *shape[2:]) for _, r in flat]).to(self.device)  # (R, 1, h, w)
+        region_context = self.encode_prompt([r.prompt for _, r in flat])                 # (R, L, D)
+        return regional_classifier_free(self._unet_fn(), context, uncond_context, region_context, owner, masks, guidance_scale,
+                                        from_t, guidance_rescale)
 
     def _check(self, prompts, negative_prompt, steps, guidance_scale, height, width, sampler,
                output_type, num_images_per_prompt, seed) -> list[str]:

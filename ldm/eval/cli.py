@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", help="with --model: sampler (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="with --model: image i uses seed + i")
     parser.add_argument("--batch", type=int, default=8, help="with --model: images per forward")
+    parser.add_argument("--no-regions", action="store_true",
+                        help="with --model: no layout plan (the network alone; see ldm/regions.py)")
 
 
 def seeded_latents(config, seeds):
@@ -53,7 +55,8 @@ def generate(args) -> tuple[list[Image.Image], list[str]]:
     for i in tqdm(range(0, len(prompts), args.batch), desc="generating", unit="batch"):
         chunk = prompts[i:i + args.batch]
         latents = seeded_latents(pipe.config, range(args.seed + i, args.seed + i + len(chunk)))
-        images += pipe(chunk, steps=args.steps, guidance_scale=args.scale, sampler=args.sampler, latents=latents)
+        images += pipe(chunk, steps=args.steps, guidance_scale=args.scale, sampler=args.sampler, latents=latents,
+                       regions=None if args.no_regions else "auto")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
