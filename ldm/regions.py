@@ -83,22 +83,26 @@ def regional_classifier_free(unet, context: torch.Tensor, uncond_context: torch.
                              ) -> Callable[[ModelFn], ModelFn]:
     """Wraps a plain CFG model function: at t ≥ from_t, CFG on the regional composite (`compose`) in
     one batched call `unet(x, t, context)` of [uncond (B), cond (B), regions (R)]; later steps
-    (t < from_t) call the plain one. s == 1 skips the uncond rows."""
+    (t < from_t) call the plain one. s == 1 skips the uncond rows, and boxes that tile every image
+    (as the planner's halves do) the cond rows, whose output would be masked out everywhere."""
     check_guidance_rescale(guidance_rescale)
     b, r = context.shape[0], region_context.shape[0]
-    rows = [context, region_context] if guidance_scale == 1 else [uncond_context, context, region_context]
-    all_context = torch.cat(rows)                                                     # (2B + R, L, D)
-    copies = len(rows) - 1
+    cover = torch.zeros(b, *masks.shape[1:]).index_add_(0, owner.cpu(), masks.float().cpu())
+    whole = bool((cover >= 1).all())  # every image tiled by its boxes: the whole prompt's rows go unused
+    rows = ([] if guidance_scale == 1 else [uncond_context]) + ([] if whole else [context])
+    all_context = torch.cat(rows + [region_context])                       # (≤ 2B + R, L, D)
 
     def wrap(plain: ModelFn) -> ModelFn:
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if float(t.max()) < from_t:
                 return plain(x, t)
-            out = unet(torch.cat([x] * copies + [x[owner]]), torch.cat([t] * copies + [t[owner]]), all_context)
-            *uncond, out_cond, out_regions = out.split([b] * copies + [r])
+            out = unet(torch.cat([x] * len(rows) + [x[owner]]), torch.cat([t] * len(rows) + [t[owner]]),
+                       all_context)
+            *parts, out_regions = out.split([b] * len(rows) + [r])
+            out_cond = out.new_zeros((b,) + out.shape[1:]) if whole else parts.pop()
             out_cond = compose(out_cond, out_regions, owner, masks.to(out))
             if guidance_scale == 1:
                 return out_cond
-            return combine_cfg(uncond[0], out_cond, guidance_scale, guidance_rescale)
+            return combine_cfg(parts[0], out_cond, guidance_scale, guidance_rescale)
         return model_fn
     return wrap

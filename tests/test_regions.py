@@ -91,6 +91,25 @@ def test_regional_cfg_is_one_batched_call_that_guides_each_box_by_its_prompt():
     assert torch.allclose(early[1, :, 2:], cfg(context[1], 1)[:, 2:], atol=1e-6)    # outside: the prompt
 
 
+def test_boxes_that_tile_every_image_leave_out_the_whole_prompts_rows():
+    context, uncond, region_context = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(4, 3, 8)
+    owner = torch.tensor([0, 0, 1, 1])
+    halves = [HALVES["left"], HALVES["right"], HALVES["top"], HALVES["bottom"]]
+    masks = torch.stack([box_mask(h, 4, 4) for h in halves])
+    unet = CountingUNet()
+    plain = classifier_free(unet, context, uncond, 3.0)
+    tiled = regional_classifier_free(unet, context, uncond, region_context, owner, masks, 3.0, from_t=0)(plain)
+    x, t = torch.randn(2, 4, 4, 4), torch.tensor([900, 900])
+    unet.batches.clear()
+    out = tiled(x, t)
+    assert unet.batches == [2 + 4]                                             # B uncond + R regions
+    other = torch.randn(2, 3, 8)                                               # the prompt is unused
+    same = regional_classifier_free(unet, other, uncond, region_context, owner, masks, 3.0, from_t=0)(plain)(x, t)
+    assert torch.equal(out, same)
+    u = x[1] * 0.9 + uncond[1].mean()
+    assert torch.allclose(out[1, :, 2:], (u + 3 * (x[1] * 0.9 + region_context[3].mean() - u))[:, 2:], atol=1e-6)
+
+
 def test_without_guidance_the_regional_call_has_no_uncond_rows():
     context, region_context = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
     unet = CountingUNet()
@@ -98,7 +117,7 @@ def test_without_guidance_the_regional_call_has_no_uncond_rows():
                                     box_mask((0, 0, 1, 1), 4, 4)[None], 1.0, from_t=0)
     x = torch.randn(1, 4, 4, 4)
     out = wrap(classifier_free(unet, context, context, 1.0))(x, torch.tensor([500]))
-    assert unet.batches == [2] and torch.allclose(out, x * 0.5 + region_context.mean(), atol=1e-6)
+    assert unet.batches == [1] and torch.allclose(out, x * 0.5 + region_context.mean(), atol=1e-6)
 
 
 # -- the scene planner -----------------------------------------------------------------------------
