@@ -242,8 +242,8 @@ class Pipeline:
         owner = torch.tensor([i for i, _ in flat], device=self.device)                  # (R,)
         masks = torch.stack([box_mask(r.box, *shape[2:]) for _, r in flat]).to(self.device)  # (R, 1, h, w)
         region_context = self.encode_prompt([r.prompt for _, r in flat])                 # (R, L, D)
-        return regional_classifier_free(self._unet_fn(), context, uncond_context, region_context, owner, masks, guidance_scale,
-                                        from_t, guidance_rescale)
+        return regional_classifier_free(self._unet_fn(), context, uncond_context, region_context, owner,
+                                        masks, guidance_scale, from_t, guidance_rescale)
 
     def _check(self, prompts, negative_prompt, steps, guidance_scale, height, width, sampler,
                output_type, num_images_per_prompt, seed) -> list[str]:

@@ -50,7 +50,7 @@ def as_regions(items) -> list[Region]:
         if isinstance(item, Region):
             out.append(item)
         elif isinstance(item, (list, tuple)) and len(item) == 2:
-            out.append(Region(item[0], tuple(item[1]) if isinstance(item[1], list) else item[1]))
+            out.append(Region(*item))
         else:
             raise TypeError(f"a region must be a Region or a (prompt, box) pair, got {item!r}")
     return out
