@@ -1,6 +1,7 @@
 """The guidance trade-off the seeds describe, measured on a model: prompt adherence and diversity
 for several classifier-free guidance scales, and DDIM vs DPM-Solver++(2M) at several step counts.
 
+    pip install -e ".[bench]"   # matplotlib, for the plot
     python bench/guidance_tradeoff.py [--model PATH] [--prompts 100] [--diversity-prompts 8]
 
 Adherence: `ldm eval` accuracy on the first N fixed eval prompts (one image each, seed i).
@@ -57,6 +58,10 @@ def main():
     ap.add_argument("--prompts", type=int, default=100)
     ap.add_argument("--diversity-prompts", type=int, default=8)
     args = ap.parse_args()
+    try:
+        import matplotlib  # noqa: F401  (checked now, not after an hour of sampling)
+    except ImportError:
+        raise SystemExit('the plot needs matplotlib: pip install -e ".[bench]"')
     pipe = Pipeline.from_pretrained(args.model)
     prompts = load_prompts(PROMPTS)
     subset, div_prompts = spread(prompts, args.prompts), spread(prompts, args.diversity_prompts)
@@ -85,7 +90,10 @@ def write_report(rows, solver_rows, n, n_div, pipe):
     lines = ["# Guidance trade-off of the default model", "",
              f"`python bench/guidance_tradeoff.py` — {n} eval prompts (one image each) for adherence, "
              f"{n_div} prompts × 8 images for diversity; {pipe.config.default_sampler}, "
-             f"{pipe.config.default_steps} steps unless stated.", "",
+             f"{pipe.config.default_steps} steps unless stated"
+             + (f"; two-object prompts drawn with the regions planned by the model's layout planner "
+                f"(`{pipe.config.layout_planner}`, ldm/layout.py), as by default" if pipe.config.layout_planner else "")
+             + ".", "",
              "| guidance scale | overall | " + " | ".join(cats) + " | diversity (RMS px) |",
              "|---" * (len(cats) + 3) + "|"]
     for r in rows:
