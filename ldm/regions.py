@@ -5,7 +5,8 @@ conditional output inside each box is the box prompt's, outside every box the wh
 classifier-free guidance then runs as usual on that composite. Later steps use the whole prompt
 everywhere, so the parts join into one picture. This is the layout stage of LLM-grounded diffusion
 (Lian et al. 2023), done as MultiDiffusion's masked averaging (Bar-Tal et al. 2023) of the network's
-outputs: one batched forward of 2B + R (B images, R regions) per step while regions apply.
+outputs: one batched forward of at most 2B + R rows (B images, R regions) per step while regions
+apply.
 
 Why: a small text encoder (and CLIP's, in SD) blurs which colour goes with which shape in
 "a red circle left of a blue square"; a box prompt names one object, so there is nothing to bind.
