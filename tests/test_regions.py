@@ -124,14 +124,12 @@ def test_without_guidance_the_regional_call_has_no_uncond_rows():
 
 def test_the_planner_gives_each_of_two_objects_its_half_and_only_its_own_words():
     rng = random.Random(0)
-    planned = 0
     for _ in range(300):
         scene = random_scene(rng, ("two_objects",))
         text = caption(scene, rng)
         spec = parse(text)
         regions = plan_scene(text)
         assert len(regions) == 2
-        planned += 1
         for region, obj in zip(regions, spec.objects):
             (alone,) = parse(region.prompt).objects                           # one object per region
             assert (alone.shape, alone.colour, alone.size, alone.count) == (obj.shape, obj.colour, obj.size, obj.count)
@@ -146,7 +144,6 @@ def test_the_planner_gives_each_of_two_objects_its_half_and_only_its_own_words()
             assert b[2] <= a[0]
         elif spec.relation == "below":
             assert b[3] <= a[1]
-    assert planned == 300
 
 
 @pytest.mark.parametrize("prompt", ["a red circle on the left", "three blue stars", "a teapot", "",
