@@ -201,8 +201,8 @@ def apply_overrides(cfg, overrides: list[str]):
 def set_settings(cfg: "LDMConfig", overrides: list[str]) -> "LDMConfig":
     """`apply_overrides` limited to the settings that don't change the weights' shapes: the plain
     top-level fields of LDMConfig (default_steps, default_sampler, layout_planner, ...)."""
-    settings = sorted(f.name for f in fields(LDMConfig) if not is_dataclass(typing.get_type_hints(LDMConfig)[f.name])
-                      and f.name != "matcher")
+    settings = sorted(name for name, tp in typing.get_type_hints(LDMConfig).items()
+                      if not any(is_dataclass(a) for a in (tp, *typing.get_args(tp))))  # no sub-config
     for item in overrides:
         key = item.lstrip("-").partition("=")[0]
         if key not in settings:

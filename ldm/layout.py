@@ -21,8 +21,9 @@ _NUMBER = {1: "a", 2: "two", 3: "three", 4: "four", 5: "five"}
 
 def _phrase(obj, side: str, background: str | None) -> str:
     """One object of a scene prompt as its own caption, in the training captions' words."""
-    noun = obj.shape if obj.count == 1 else obj.shape + ("es" if obj.shape == "cross" else "s")
-    words = [_NUMBER.get(obj.count, str(obj.count)), obj.size, obj.colour, noun, _WHERE[side]]
+    from .data.scenes import shape_noun
+    words = [_NUMBER.get(obj.count, str(obj.count)), obj.size, obj.colour, shape_noun(obj.shape, obj.count),
+             _WHERE[side]]
     text = " ".join(w for w in words if w)
     return text + (f" on a {background} background" if background else "")
 

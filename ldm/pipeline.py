@@ -104,8 +104,11 @@ class Pipeline:
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """list of B prompts -> context (B, L, D); "" is the null condition."""
-        tokens = self.text_encoder.tokenize(_as_list(prompts, "prompts")).to(self.device)  # (B, L)
-        return self.text_encoder(tokens).to(self.dtype)                                   # (B, L, D)
+        return self._encode_tokens(self.text_encoder.tokenize(_as_list(prompts, "prompts")))
+
+    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """token ids (B, L) -> context (B, L, D)."""
+        return self.text_encoder(tokens.to(self.device)).to(self.dtype)
 
     @torch.no_grad()
     def encode_image(self, x: torch.Tensor, generator: torch.Generator | None = None,
@@ -172,7 +175,8 @@ class Pipeline:
                              f"{height}×{width}, got {tuple(latents.shape)}")
         latents = latents.to(self.device, torch.float32)
 
-        context = self.encode_prompt(prompts)                                   # (N, L, D)
+        tokens = self.text_encoder.tokenize(prompts).to(self.device)            # (N, L)
+        context = self._encode_tokens(tokens)                                   # (N, L, D)
         uncond_context = None
         if guidance_scale != 1:
             unique = list(dict.fromkeys(negatives))                            # the null prompt once
@@ -184,7 +188,6 @@ class Pipeline:
             model_fn = self._regional(per_prompt, shape, context, uncond_context, guidance_scale,
                                       guidance_rescale, regions_from_t)(model_fn)
         if matcher_scale > 0:
-            tokens = self.text_encoder.tokenize(prompts).to(self.device)        # (N, L)
             null = self.encode_prompt([""])                                     # (1, L, D)
             model_fn = matcher_guidance(model_fn, self.model.matcher.bind(self.unet, tokens, null),
                                         alphas_cumprod(cfg.schedule), matcher_scale, cfg.matcher.guide_from_t)

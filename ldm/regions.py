@@ -67,15 +67,28 @@ def box_mask(box: tuple[float, float, float, float], h: int, w: int) -> torch.Te
     return m
 
 
+def paste_weights(owner: torch.Tensor, masks: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights (R, 1, h, w), rest (B, 1, h, w)) for `paste`: each region's mask divided by how many
+    regions cover each cell (overlaps average), and the share of each image no region covers."""
+    cover = masks.new_zeros((batch,) + masks.shape[1:]).index_add_(0, owner, masks)  # (B, 1, h, w)
+    return masks / cover[owner].clamp(min=1), 1 - cover.clamp(max=1)
+
+
+def paste(out_cond: torch.Tensor | None, out_regions: torch.Tensor, owner: torch.Tensor,
+          weights: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+    """rest · out_cond + each image's regions' outputs pasted by `weights`; out_cond None when no
+    image has any rest (the boxes tile them)."""
+    pasted = out_regions.new_zeros(rest.shape[:1] + out_regions.shape[1:])
+    pasted.index_add_(0, owner, weights * out_regions)                                 # (B, C, h, w)
+    return pasted if out_cond is None else rest * out_cond + pasted
+
+
 def compose(out_cond: torch.Tensor, out_regions: torch.Tensor, owner: torch.Tensor,
             masks: torch.Tensor) -> torch.Tensor:
     """Each image's output with its regions' outputs pasted into their masks. out_cond (B, C, h, w),
     out_regions (R, C, h, w), owner (R,) image index of each region, masks (R, 1, h, w). Where regions
     overlap they are averaged; where none is, the whole prompt's output stays."""
-    cover = torch.zeros_like(out_cond[:, :1]).index_add_(0, owner, masks)             # (B, 1, h, w)
-    weights = masks / cover[owner].clamp(min=1)                                        # (R, 1, h, w)
-    pasted = torch.zeros_like(out_cond).index_add_(0, owner, weights * out_regions)   # (B, C, h, w)
-    return (1 - cover.clamp(max=1)) * out_cond + pasted
+    return paste(out_cond, out_regions, owner, *paste_weights(owner, masks.to(out_cond), len(out_cond)))
 
 
 def regional_classifier_free(unet, context: torch.Tensor, uncond_context: torch.Tensor,
@@ -88,8 +101,8 @@ def regional_classifier_free(unet, context: torch.Tensor, uncond_context: torch.
     (as the planner's halves do) the cond rows, whose output would be masked out everywhere."""
     check_guidance_rescale(guidance_rescale)
     b, r = context.shape[0], region_context.shape[0]
-    cover = torch.zeros(b, *masks.shape[1:]).index_add_(0, owner.cpu(), masks.float().cpu())
-    whole = bool((cover >= 1).all())  # every image tiled by its boxes: the whole prompt's rows go unused
+    weights, rest = paste_weights(owner, masks.float(), b)       # the boxes don't move: once, not per step
+    whole = not bool(rest.any())  # every image tiled by its boxes: the whole prompt's rows go unused
     rows = ([] if guidance_scale == 1 else [uncond_context]) + ([] if whole else [context])
     all_context = torch.cat(rows + [region_context])                       # (≤ 2B + R, L, D)
 
@@ -100,8 +113,7 @@ def regional_classifier_free(unet, context: torch.Tensor, uncond_context: torch.
             out = unet(torch.cat([x] * len(rows) + [x[owner]]), torch.cat([t] * len(rows) + [t[owner]]),
                        all_context)
             *parts, out_regions = out.split([b] * len(rows) + [r])
-            out_cond = out.new_zeros((b,) + out.shape[1:]) if whole else parts.pop()
-            out_cond = compose(out_cond, out_regions, owner, masks.to(out))
+            out_cond = paste(None if whole else parts.pop(), out_regions, owner, weights.to(out), rest.to(out))
             if guidance_scale == 1:
                 return out_cond
             return combine_cfg(parts[0], out_cond, guidance_scale, guidance_rescale)

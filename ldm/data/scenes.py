@@ -235,9 +235,14 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
+def shape_noun(shape: str, count: int) -> str:
+    """The shape's name, plural for a count above 1 ("crosses")."""
+    return shape if count == 1 else shape + ("es" if shape == "cross" else "s")
+
+
 def _noun_phrase(obj: SceneObject, rng: random.Random, colour_after: bool = False) -> str:
     size = rng.choice(_SIZE_SYN[obj.size]) + " " if rng.random() < 0.4 else ""
-    noun = obj.shape + ("es" if obj.shape == "cross" else "s") if obj.count > 1 else obj.shape
+    noun = shape_noun(obj.shape, obj.count)
     if colour_after:
         head = f"{size}{noun}"
         tail = rng.choice((" that is ", " coloured ", " colored ", " in ")) + obj.colour
