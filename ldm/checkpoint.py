@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import convert, text
+from .scheduler_config import schedule_from_diffusers, schedule_to_diffusers
 from .config import AutoencoderConfig, LDMConfig, ScheduleConfig, TextEncoderConfig, UNetConfig
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
@@ -369,24 +370,6 @@ def vae_config_to_diffusers(cfg: AutoencoderConfig, sample_size: int) -> dict:
         "layers_per_block": cfg.num_res_blocks, "norm_num_groups": cfg.norm_groups,
         "sample_size": sample_size, "scaling_factor": cfg.scale_factor,
     }
-
-
-def schedule_from_diffusers(d: dict) -> ScheduleConfig:
-    return ScheduleConfig(
-        num_train_timesteps=d.get("num_train_timesteps", 1000),
-        beta_schedule=d.get("beta_schedule", "scaled_linear"),
-        beta_start=float(d.get("beta_start", 0.00085)), beta_end=float(d.get("beta_end", 0.012)),
-        prediction_type=d.get("prediction_type", "epsilon"),
-        timestep_spacing=d.get("timestep_spacing", "leading"), steps_offset=d.get("steps_offset", 1),
-        rescale_betas_zero_snr=bool(d.get("rescale_betas_zero_snr", False)))
-
-
-def schedule_to_diffusers(cfg: ScheduleConfig) -> dict:
-    return {"_class_name": "DDIMScheduler", "num_train_timesteps": cfg.num_train_timesteps,
-            "beta_schedule": cfg.beta_schedule, "beta_start": cfg.beta_start, "beta_end": cfg.beta_end,
-            "prediction_type": cfg.prediction_type, "timestep_spacing": cfg.timestep_spacing,
-            "steps_offset": cfg.steps_offset, "rescale_betas_zero_snr": cfg.rescale_betas_zero_snr,
-            "clip_sample": False, "set_alpha_to_one": False}
 
 
 def load_diffusers(folder: Path, allow_pickle: bool = False) -> tuple[LDMConfig, dict]:

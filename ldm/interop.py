@@ -2,7 +2,7 @@
 without writing a folder. Used to compare against the reference (tests, bench/)."""
 import tempfile
 
-from . import checkpoint, convert, text
+from . import checkpoint, convert, scheduler_config, text
 
 
 def to_diffusers(pipe):
@@ -21,7 +21,7 @@ def to_diffusers(pipe):
     with tempfile.TemporaryDirectory() as tmp:
         text.save_hf_tokenizer(tmp, cfg.text_encoder.pad_with, cfg.text_encoder.max_length)
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
-    scheduler = DDIMScheduler(**{k: v for k, v in checkpoint.schedule_to_diffusers(cfg.schedule).items()
+    scheduler = DDIMScheduler(**{k: v for k, v in scheduler_config.schedule_to_diffusers(cfg.schedule).items()
                                  if not k.startswith("_")})
     ref = StableDiffusionPipeline(unet=unet.eval(), vae=vae.eval(), text_encoder=te.eval(), tokenizer=tokenizer,
                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from ldm import LatentDiffusion, Pipeline
-from ldm import checkpoint
+from ldm import checkpoint, scheduler_config
 from ldm.cli import main as cli
 from ldm.config import sd15, sd21
 from tiny_models import random_model, tiny_sd1
@@ -194,15 +194,15 @@ def test_zero_terminal_snr_survives_diffusers_scheduler_configs():
     from ldm.config import ScheduleConfig
     from ldm.schedule import alphas_cumprod
     cfg = ScheduleConfig(prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True)
-    sched = DDIMScheduler.from_config(checkpoint.schedule_to_diffusers(cfg))
+    sched = DDIMScheduler.from_config(scheduler_config.schedule_to_diffusers(cfg))
     assert sched.config.rescale_betas_zero_snr and sched.alphas_cumprod[-1].item() < 1e-9
     assert torch.allclose(sched.alphas_cumprod, alphas_cumprod(cfg).float(), rtol=1e-5, atol=1e-10)
     # a diffusers folder's scheduler_config.json, whatever scheduler class wrote it
     other = DPMSolverMultistepScheduler(prediction_type="v_prediction", timestep_spacing="trailing",
                                         rescale_betas_zero_snr=True, beta_schedule="scaled_linear",
                                         beta_start=0.00085, beta_end=0.012, steps_offset=1)
-    assert checkpoint.schedule_from_diffusers(dict(other.config)) == cfg
-    assert not checkpoint.schedule_from_diffusers({}).rescale_betas_zero_snr
+    assert scheduler_config.schedule_from_diffusers(dict(other.config)) == cfg
+    assert not scheduler_config.schedule_from_diffusers({}).rescale_betas_zero_snr
 
 
 def test_bidirectional_text_encoder_lives_in_ldm_files_only(tmp_path):
