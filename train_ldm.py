@@ -54,7 +54,8 @@ class Denoiser(nn.Module):
 
 
 def check_config(cfg: TrainConfig, resolution: int) -> None:
-    """Raise ValueError for settings that cannot train, before anything is built."""
+    """Raise ValueError for combinations of settings that cannot train, before anything is built
+    (single values are checked as the config is built: ldm/train_config.py)."""
     m, f = cfg.model, cfg.model.autoencoder.downsample_factor
     if m.unet.in_channels != m.autoencoder.embed_dim or m.unet.context_dim != m.text_encoder.hidden_size:
         raise ValueError(f"the UNet takes {m.unet.in_channels} latent channels and context width "
@@ -62,8 +63,6 @@ def check_config(cfg: TrainConfig, resolution: int) -> None:
                          f"text encoder {m.text_encoder.hidden_size}")
     if resolution % f:
         raise ValueError(f"data.resolution={resolution} must be a multiple of the autoencoder's factor {f}")
-    if not 0.0 <= cfg.cond_drop <= 1.0:
-        raise ValueError(f"cond_drop must be a probability in [0, 1], got {cfg.cond_drop}")
     if cfg.data.cache_latents and not cfg.data.center_crop:
         raise ValueError("random crops cannot be cached: set data.center_crop=true or data.cache_latents=false")
     if cfg.grounded and (cfg.data.random_flip or not cfg.data.center_crop
@@ -71,8 +70,6 @@ def check_config(cfg: TrainConfig, resolution: int) -> None:
         raise ValueError("the grounding loss needs data.random_flip=false and data.center_crop=true (its masks "
                          "are not flipped or cropped) and a CLIP-BPE text encoder (kind clip or openclip), got "
                          f"kind {m.text_encoder.kind!r}")
-    if cfg.mixed_precision not in ("", "no", "fp16", "bf16"):
-        raise ValueError(f"mixed_precision must be '', 'no', 'fp16' or 'bf16', got {cfg.mixed_precision!r}")
 
 
 @torch.no_grad()

@@ -5,11 +5,15 @@
 In memory the model is always `LatentDiffusion`, whose state dict is the original layout."""
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import re
+import shutil
+import sys
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,7 +22,7 @@ from safetensors.torch import save_file
 
 from . import convert, text
 from .scheduler_config import schedule_from_diffusers, schedule_to_diffusers
-from .config import AutoencoderConfig, LDMConfig, ScheduleConfig, TextEncoderConfig, UNetConfig
+from .config import AutoencoderConfig, LDMConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, load_yaml
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -69,6 +73,12 @@ def read_state_dict(path: str | Path, allow_pickle: bool = False) -> tuple[dict,
     return read_safetensors(path)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write) -> None:
     """`write(tmp)` to a temporary file beside `path`, then rename it over `path`: a crash never
     leaves a half-written file, and an existing one stays intact until the new one is complete."""
@@ -78,13 +88,66 @@ def atomic_write(path: str | Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it owner-only
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or the file system can't."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _clean_after_killed_save(path: Path) -> None:
+    """Remove what a killed `atomic_write_dir(path)` left beside `path`: its temporary folder, or
+    the previous folder it had moved aside, which it first puts back if `path` is missing (the
+    kill fell between the two renames)."""
+    stale = re.compile(rf"\.{re.escape(path.name)}\.(tmp|old)-\w+")
+    for p in sorted(path.parent.iterdir()):
+        if m := stale.fullmatch(p.name):
+            if m[1] == "old" and not path.exists():
+                os.replace(p, path)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def atomic_write_dir(path: str | Path, write) -> None:
+    """`write(tmp)` into a temporary folder beside `path` (`.NAME.tmp-XXXX`), then put it in place
+    of `path`: a crash at any point leaves at `path` either the complete previous folder or the
+    complete new one, never a mix. The next save of `path` cleans up after a killed one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _clean_after_killed_save(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only
+        if not path.exists():
+            os.replace(tmp, path)
+        elif not _exchange(tmp, path):  # the old folder is then at `tmp`, removed below
+            # no atomic swap here: for an instant `path` is missing; a save after a kill then puts it back
+            aside = tmp.with_name(tmp.name.replace(".tmp-", ".old-", 1))
+            os.replace(path, aside)
+            os.replace(tmp, path)
+            shutil.rmtree(aside)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None):
@@ -153,41 +216,43 @@ def to_original(sd: dict, cfg: LDMConfig) -> dict:
     return _map_text(sd, text.clip_ours_to_original) if cfg.text_encoder.kind == "clip" else sd
 
 
-def _text_config_from_original(sd: dict) -> TextEncoderConfig:
+# What an original file's shapes can't tell, the attention heads, is known for the SD families whose
+# widths identify them, and assumed for no other model (a guess would load and draw something else).
+TEXT_HEADS = {("clip", 768): 12, ("openclip", 1024): 16}  # SD1: CLIP ViT-L/14; SD2: OpenCLIP ViT-H/14
+UNET_HEADS = {768: {"num_heads": 8, "num_head_channels": -1},     # SD1 (by context_dim)
+              1024: {"num_heads": -1, "num_head_channels": 64}}   # SD2
+
+
+def _text_family(sd: dict) -> tuple[str, int]:
+    """(kind, width) of an original checkpoint's text encoder."""
     t = _split(sd, TEXT)
     if "model.token_embedding.weight" in t:  # OpenCLIP ViT-H style tower (SD2)
+        return "openclip", int(t["model.token_embedding.weight"].shape[1])
+    if "transformer.text_model.embeddings.token_embedding.weight" not in t:
+        raise ValueError("no text encoder weights (cond_stage_model.transformer.* or "
+                         "cond_stage_model.model.*) in this checkpoint")
+    return "clip", int(t["transformer.text_model.embeddings.token_embedding.weight"].shape[1])
+
+
+def _text_config_from_original(sd: dict, num_heads: int) -> TextEncoderConfig:
+    t = _split(sd, TEXT)
+    if _text_family(sd)[0] == "openclip":
         vocab, width = t["model.token_embedding.weight"].shape
         return TextEncoderConfig(
             kind="openclip", vocab_size=int(vocab), hidden_size=int(width),
-            num_layers=_count(t, r"model\.transformer\.resblocks\.(\d+)\."), num_heads=int(width) // 64,
+            num_layers=_count(t, r"model\.transformer\.resblocks\.(\d+)\."), num_heads=num_heads,
             intermediate_size=int(t["model.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
             max_length=int(t["model.positional_embedding"].shape[0]), hidden_act="gelu",
             layer="penultimate", pad_with="zero",
             projection_dim=int(t["model.text_projection"].shape[1]) if "model.text_projection" in t else int(width))
     prefix = "transformer.text_model."
-    if prefix + "embeddings.token_embedding.weight" not in t:
-        raise ValueError("no text encoder weights (cond_stage_model.transformer.* or "
-                         "cond_stage_model.model.*) in this checkpoint")
     vocab, width = t[prefix + "embeddings.token_embedding.weight"].shape
     return TextEncoderConfig(
         kind="clip", vocab_size=int(vocab), hidden_size=int(width),
-        num_layers=_count(t, r"transformer\.text_model\.encoder\.layers\.(\d+)\."), num_heads=int(width) // 64,
+        num_layers=_count(t, r"transformer\.text_model\.encoder\.layers\.(\d+)\."), num_heads=num_heads,
         intermediate_size=int(t[prefix + "encoder.layers.0.mlp.fc1.weight"].shape[0]),
         max_length=int(t[prefix + "embeddings.position_embedding.weight"].shape[0]),
         projection_dim=int(width))
-
-
-def _text_config_from_diffusers(folder: Path) -> TextEncoderConfig:
-    """SD1 folders hold OpenAI CLIP (quick_gelu); SD2 folders OpenCLIP converted to a
-    CLIPTextModel (gelu, one layer fewer), which we load back as the OpenCLIP tower."""
-    hf = _json(folder / "text_encoder" / "config.json")
-    tok = folder / "tokenizer" / "tokenizer_config.json"
-    pad_with = "zero" if tok.is_file() and json.loads(tok.read_text()).get("pad_token") == "!" else "eos"
-    if hf.get("model_type") == "t5":
-        return text.text_config_from_hf(hf, "t5", "last", pad_with)
-    if hf.get("hidden_act") == "gelu":
-        return text.text_config_from_hf(hf, "openclip", "penultimate", pad_with)
-    return text.text_config_from_hf(hf, "clip", "last", pad_with)
 
 
 def _text_from_diffusers(sd: dict, cfg: TextEncoderConfig) -> dict:
@@ -234,13 +299,12 @@ def infer_unet_config(sd: dict, heads: dict) -> UNetConfig:
     mult = tuple(int(u[f"input_blocks.{1 + i * (nrb + 1)}.0.out_layers.3.weight"].shape[0]) // mc
                  for i in range(levels))
     attn = tuple(2 ** i for i in reversed(range(levels)) if f"input_blocks.{1 + i * (nrb + 1)}.1.norm.weight" in u)
-    to_k = next(v for k, v in u.items() if k.endswith("attn2.to_k.weight"))
     ch0 = int(u["input_blocks.1.0.out_layers.3.weight"].shape[0])
     return UNetConfig(
         in_channels=int(cin), out_channels=int(u["out.2.weight"].shape[0]), model_channels=int(mc),
         channel_mult=mult, num_res_blocks=nrb, attention_resolutions=attn,
         transformer_depth=_count(u, r"middle_block\.1\.transformer_blocks\.(\d+)\."),
-        context_dim=int(to_k.shape[1]),
+        context_dim=_context_dim(sd),
         use_linear_in_transformer=u["middle_block.1.proj_in.weight"].dim() == 2,
         num_classes=int(u["label_emb.weight"].shape[0]) if "label_emb.weight" in u else None,
         use_scale_shift_norm=int(u["input_blocks.1.0.emb_layers.1.weight"].shape[0]) == 2 * ch0,
@@ -263,18 +327,37 @@ def infer_vae_config(sd: dict, scale_factor: float, norm_groups: int = 32) -> Au
         scale_factor=scale_factor)
 
 
+def _context_dim(sd: dict) -> int:
+    u = _split(sd, UNET)
+    to_k = next((v for k, v in u.items() if k.endswith("attn2.to_k.weight")), None)
+    if to_k is None:
+        raise ValueError("no UNet cross-attention weights (model.diffusion_model.*attn2.to_k.weight) in this checkpoint")
+    return int(to_k.shape[1])
+
+
 def infer_config(sd: dict, prediction_type: str | None = None, **overrides) -> LDMConfig:
     """Config of an original SD checkpoint from its tensor shapes. What shapes can't tell is an
-    override: prediction_type ("v_prediction" for SD2.x-768), num_heads / num_head_channels."""
-    text_cfg = _text_config_from_original(sd)
-    sd2 = text_cfg.kind == "openclip"
-    heads = {k: overrides.pop(k) for k in ("num_heads", "num_head_channels", "norm_groups") if k in overrides}
-    if sd2 and not heads:
-        heads = {"num_heads": -1, "num_head_channels": 64}
+    override: prediction_type ("v_prediction" for SD2.x-768), and, for a model that is not SD1 or
+    SD2 (TEXT_HEADS, UNET_HEADS), num_heads / num_head_channels (UNet) and text_num_heads."""
+    kind, width = _text_family(sd)
+    context_dim = _context_dim(sd)
+    text_heads = overrides.pop("text_num_heads", None) or TEXT_HEADS.get((kind, width))
+    heads = {k: overrides.pop(k) for k in ("num_heads", "num_head_channels") if k in overrides}
+    heads = dict(heads or UNET_HEADS.get(context_dim, {}))
+    unknown = ([] if heads else [f"the UNet's attention heads (its context_dim is {context_dim}: SD1's 768 has "
+                                 f"num_heads=8, SD2's 1024 num_head_channels=64)"]) + \
+              ([] if text_heads else [f"the text encoder's heads (a {kind} encoder of width {width}: SD1's CLIP "
+                                      f"ViT-L (768) has 12, SD2's OpenCLIP ViT-H (1024) 16)"])
+    if unknown:
+        raise ValueError(f"the tensor shapes don't tell {' nor '.join(unknown)}, and this is not a SD1 or SD2 "
+                         f"checkpoint. Pass the model's config: config= an LDMConfig, an ldm .yaml/.json config "
+                         f"file or the model's diffusers folder (ldm generate/convert --config PATH)")
+    heads["norm_groups"] = overrides.pop("norm_groups", 32)
+    text_cfg = _text_config_from_original(sd, text_heads)
     unet = infer_unet_config(sd, heads)
-    vae = infer_vae_config(sd, overrides.pop("scale_factor", 0.18215), heads.get("norm_groups", 32))
+    vae = infer_vae_config(sd, overrides.pop("scale_factor", 0.18215), heads["norm_groups"])
     pt = prediction_type or "epsilon"
-    size = overrides.pop("sample_size", 768 if pt == "v_prediction" and sd2 else 512)
+    size = overrides.pop("sample_size", 768 if pt == "v_prediction" and kind == "openclip" else 512)
     if overrides:
         raise TypeError(f"unknown override(s) {sorted(overrides)}")
     return LDMConfig(unet=unet, autoencoder=vae, text_encoder=text_cfg,
@@ -298,34 +381,210 @@ def _read_folder_weights(folder: Path, allow_pickle: bool) -> dict:
 def _json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"missing {path}")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
-def unet_config_from_diffusers(d: dict, vae_factor: int) -> tuple[UNetConfig, int]:
-    for key in ("addition_embed_type", "class_embed_type", "encoder_hid_dim"):
-        if d.get(key):
-            raise ValueError(f"diffusers UNet with {key}={d[key]!r} is not a SD 1.x/2.x UNet")
-    boc = d["block_out_channels"]
-    mc = boc[0]
-    heads = d.get("num_attention_heads") or d["attention_head_dim"]  # diffusers: head_dim means heads
-    depth = d.get("transformer_layers_per_block", 1)
-    if isinstance(depth, list):
-        depth = depth[0]
-    if isinstance(heads, int):
-        head_kw = {"num_heads": heads, "num_head_channels": -1}
+# Every key of a folder's unet/, vae/ and text_encoder/config.json is honoured (read into our
+# config), accepted only at the one value ldm computes (any other value is refused), or metadata that
+# changes nothing the model computes. Any other key is refused: a dropped key would load and draw
+# something else. Keys starting with "_" are metadata: neither diffusers nor transformers passes
+# them to a model.
+@dataclass(frozen=True)
+class ConfigKeys:
+    honoured: frozenset
+    fixed: dict           # key -> the value ldm computes (diffusers' default); a tuple: equivalent values
+    metadata: frozenset = frozenset()
+
+
+UNET_KEYS = ConfigKeys(  # diffusers' UNet2DConditionModel.__init__
+    honoured=frozenset({
+        "sample_size", "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+        "layers_per_block", "norm_num_groups", "cross_attention_dim", "transformer_layers_per_block",
+        "attention_head_dim", "use_linear_projection", "num_class_embeds", "resnet_time_scale_shift",
+        # SD2.1 sets it. Only diffusers' classic AttnProcessor reads it (QKᵀ and softmax in float32);
+        # its default AttnProcessor2_0 ignores it, and like ldm/attention.py calls
+        # F.scaled_dot_product_attention, whose fused kernels accumulate both in float32 anyway. In
+        # float32 it changes nothing. So both values are what ldm computes.
+        "upcast_attention"}),
+    fixed={"center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0,
+           "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
+           "mid_block_only_cross_attention": (None, False), "downsample_padding": 1,
+           "mid_block_scale_factor": 1, "dropout": 0.0, "act_fn": "silu", "norm_eps": 1e-5,
+           "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
+           "num_attention_heads": None, "dual_cross_attention": False, "class_embed_type": None,
+           "addition_embed_type": None, "addition_time_embed_dim": None, "addition_embed_type_num_heads": 64,
+           "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
+           "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None,
+           "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+           "projection_class_embeddings_input_dim": None, "attention_type": "default",
+           "class_embeddings_concat": False, "cross_attention_norm": None})
+
+VAE_KEYS = ConfigKeys(  # diffusers' AutoencoderKL.__init__
+    honoured=frozenset({"in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+                        "layers_per_block", "latent_channels", "norm_num_groups", "scaling_factor"}),
+    # force_upcast (True in every SD VAE): diffusers decodes in float32 under a float16 pipeline; ldm
+    # decodes in the pipeline's dtype, which is the same in float32
+    fixed={"act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None,
+           "force_upcast": True, "use_quant_conv": True, "use_post_quant_conv": True,
+           "mid_block_add_attention": True},
+    metadata=frozenset({"sample_size"}))  # the tile size of diffusers' tiled decoding; ldm doesn't tile
+
+# transformers' PretrainedConfig fields (token ids, generation defaults, output switches, labels, and
+# those of transformers 4): none changes what an encoder computes from token ids
+_HF_GENERIC = frozenset({
+    "architectures", "transformers_version", "torch_dtype", "dtype", "bos_token_id", "eos_token_id",
+    "pad_token_id", "sep_token_id", "decoder_start_token_id", "output_attentions", "output_hidden_states",
+    "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "id2label", "label2id",
+    "problem_type", "torchscript", "use_bfloat16", "tf_legacy_loss", "tie_word_embeddings", "tie_encoder_decoder",
+    "cross_attention_hidden_size", "add_cross_attention", "finetuning_task", "tokenizer_class", "prefix",
+    "task_specific_params", "max_length", "min_length", "do_sample", "early_stopping", "num_beams",
+    "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens", "initializer_factor", "initializer_range"})
+
+CLIP_TEXT_KEYS = ConfigKeys(  # transformers' CLIPTextConfig
+    honoured=frozenset({"model_type", "vocab_size", "hidden_size", "intermediate_size", "projection_dim",
+                        "num_hidden_layers", "num_attention_heads", "max_position_embeddings", "hidden_act"}),
+    fixed={"layer_norm_eps": 1e-5, "attention_dropout": 0.0, "dropout": 0.0, "pruned_heads": {}},
+    metadata=_HF_GENERIC)
+
+T5_TEXT_KEYS = ConfigKeys(  # transformers' T5Config, of which T5EncoderModel builds the encoder
+    honoured=frozenset({"model_type", "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+                        "feed_forward_proj"}),
+    fixed={"relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+           "layer_norm_epsilon": 1e-6, "dropout_rate": 0.0, "pruned_heads": {}},
+    # the decoder's, the classifier's, and what T5Config derives from feed_forward_proj
+    metadata=_HF_GENERIC | {"num_decoder_layers", "use_cache", "scale_decoder_outputs", "classifier_dropout",
+                            "is_gated_act", "dense_act_fn", "n_positions", "output_past"})
+
+_REQUIRED = object()
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _same(value, fixed) -> bool:
+    """`value` is `fixed`, or a per-block list of it (only_cross_attention: [false, false, ...])."""
+    return value == fixed or (isinstance(value, list) and bool(value) and all(v == fixed for v in value))
+
+
+class ConfigFile:
+    """One config.json of a diffusers folder, read so that a missing or invalid key is a ValueError
+    naming the file and the key."""
+
+    def __init__(self, d: dict, where: str):
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        self.d, self.where = d, where
+
+    def invalid(self, key: str, expected: str) -> ValueError:
+        return ValueError(f"{self.where}: {key}={self.d.get(key)!r} is invalid: expected {expected}")
+
+    def get(self, key: str, default=_REQUIRED):
+        if self.d.get(key) is None:  # absent or null: diffusers' default
+            if default is _REQUIRED:
+                raise ValueError(f"{self.where}: missing required key {key!r}")
+            return default
+        return self.d[key]
+
+    def int(self, key: str, default=_REQUIRED) -> int | None:
+        v = self.get(key, default)
+        if v is not None and (not _is_int(v) or v < 1):
+            raise self.invalid(key, "an integer >= 1")
+        return v
+
+    def uniform(self, key: str, default=_REQUIRED) -> int:
+        """An integer >= 1, or a per-block list of one such integer: ldm has one for all blocks."""
+        v = self.get(key, default)
+        vs = v if isinstance(v, list) else [v]
+        if not vs or not all(_is_int(x) and x >= 1 for x in vs) or len(set(vs)) != 1:
+            raise self.invalid(key, "an integer >= 1, or a list of one such integer for every block")
+        return vs[0]
+
+    def ints(self, key: str) -> list[int]:
+        v = self.get(key)
+        if not isinstance(v, list) or not v or not all(_is_int(x) and x >= 1 for x in v):
+            raise self.invalid(key, "a non-empty list of integers >= 1")
+        return v
+
+    def choice(self, key: str, allowed: tuple, default=_REQUIRED):
+        v = self.get(key, default)
+        if not any(v == a and type(v) is type(a) for a in allowed):
+            raise self.invalid(key, "one of " + ", ".join(map(repr, allowed)))
+        return v
+
+    def positive(self, key: str, default: float) -> float:
+        v = self.get(key, default)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < float("inf"):
+            raise self.invalid(key, "a finite number > 0")
+        return float(v)
+
+    def check_keys(self, keys: ConfigKeys, class_name: str | None = None) -> None:
+        if class_name is not None and self.d.get("_class_name", class_name) != class_name:
+            raise ValueError(f"{self.where}: _class_name={self.d['_class_name']!r}: ldm reads a {class_name} here")
+        for k, v in self.d.items():
+            if k.startswith("_") or k in keys.honoured or k in keys.metadata:
+                continue
+            if k not in keys.fixed:
+                raise ValueError(f"{self.where}: {k}={v!r} is a setting ldm does not implement (nor know to "
+                                 f"be metadata): refusing to load a model that would compute something else")
+            ok = keys.fixed[k] if isinstance(keys.fixed[k], tuple) else (keys.fixed[k],)
+            if not any(_same(v, o) for o in ok):
+                raise ValueError(f"{self.where}: {k}={v!r} is not supported: ldm implements only {k}={ok[0]!r}")
+
+    def build(self, make, *args, **kwargs):
+        """make(...) (a config), its own validation errors named with this file."""
+        try:
+            return make(*args, **kwargs)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{self.where}: {e}") from e
+
+
+def unet_config_from_diffusers(d: dict, vae_factor: int, where: str = "unet config") -> tuple[UNetConfig, int]:
+    """(UNetConfig, sample size in pixels) of a diffusers unet/config.json."""
+    c = ConfigFile(d, where)
+    c.check_keys(UNET_KEYS, "UNet2DConditionModel")
+    boc = c.ints("block_out_channels")
+    mc, n = boc[0], len(boc)
+    if any(b % mc for b in boc):
+        raise c.invalid("block_out_channels", "multiples of its first entry")
+    downs = c.get("down_block_types")
+    if not isinstance(downs, list) or len(downs) != n or \
+            not all(t in ("CrossAttnDownBlock2D", "DownBlock2D") for t in downs):
+        raise c.invalid("down_block_types", f"{n} (one per block_out_channels) of CrossAttnDownBlock2D, DownBlock2D")
+    attn = [t == "CrossAttnDownBlock2D" for t in downs]
+    ups = [("CrossAttnUpBlock2D" if a else "UpBlock2D") for a in reversed(attn)]
+    if c.get("up_block_types", ups) != ups:
+        raise c.invalid("up_block_types", f"{ups}, the mirror of down_block_types")
+    heads = c.get("attention_head_dim")  # diffusers' misnomer: the number of heads, for all blocks or per block
+    per_block = heads if isinstance(heads, list) else [heads] * n
+    used = [i for i in range(n) if attn[i]] + [n - 1]  # the blocks with attention, and the mid-block
+    if len(per_block) != n or not all(_is_int(h) and h >= 1 for h in per_block) or any(boc[i] % per_block[i] for i in used):
+        raise c.invalid("attention_head_dim", f"an integer >= 1 or a list of {n}, dividing block_out_channels")
+    if isinstance(heads, list) and len({boc[i] // per_block[i] for i in used}) == 1:  # SD2: one head width
+        head_kw = {"num_heads": -1, "num_head_channels": boc[-1] // per_block[-1]}
+    elif len({per_block[i] for i in used}) == 1:                                       # SD1: one head count
+        head_kw = {"num_heads": per_block[-1], "num_head_channels": -1}
     else:
-        head_kw = {"num_heads": -1, "num_head_channels": boc[0] // heads[0]}
-    cfg = UNetConfig(
-        in_channels=d["in_channels"], out_channels=d["out_channels"], model_channels=mc,
-        channel_mult=tuple(c // mc for c in boc), num_res_blocks=d["layers_per_block"],
-        attention_resolutions=tuple(2 ** i for i, t in reversed(list(enumerate(d["down_block_types"])))
-                                    if "CrossAttn" in t),
-        transformer_depth=depth, context_dim=d["cross_attention_dim"],
-        use_linear_in_transformer=bool(d.get("use_linear_projection", False)),
-        num_classes=d.get("num_class_embeds"),
-        use_scale_shift_norm=d.get("resnet_time_scale_shift", "default") == "scale_shift",
-        norm_groups=d.get("norm_num_groups", 32), **head_kw)
-    return cfg, d.get("sample_size", 64) * vae_factor
+        raise c.invalid("attention_head_dim", "one head count for every block, or one head width (channels / heads)")
+    c.choice("upcast_attention", (False, True), False)  # what ldm computes either way: see UNET_KEYS
+    cfg = c.build(
+        UNetConfig, in_channels=c.int("in_channels"), out_channels=c.int("out_channels"), model_channels=mc,
+        channel_mult=tuple(b // mc for b in boc), num_res_blocks=c.uniform("layers_per_block"),
+        attention_resolutions=tuple(2 ** i for i in reversed(range(n)) if attn[i]),
+        transformer_depth=c.uniform("transformer_layers_per_block", 1),
+        context_dim=c.uniform("cross_attention_dim"),
+        use_linear_in_transformer=c.choice("use_linear_projection", (False, True), False),
+        num_classes=c.int("num_class_embeds", None),
+        use_scale_shift_norm=c.choice("resnet_time_scale_shift", ("default", "scale_shift"), "default") == "scale_shift",
+        norm_groups=c.int("norm_num_groups", 32), **head_kw)
+    return cfg, c.int("sample_size", 64) * vae_factor
 
 
 def unet_config_to_diffusers(cfg: UNetConfig, latent_size: int) -> dict:
@@ -348,13 +607,21 @@ def unet_config_to_diffusers(cfg: UNetConfig, latent_size: int) -> dict:
     }
 
 
-def vae_config_from_diffusers(d: dict) -> AutoencoderConfig:
-    boc = d["block_out_channels"]
-    return AutoencoderConfig(
-        in_channels=d.get("in_channels", 3), out_ch=d.get("out_channels", 3), ch=boc[0],
-        ch_mult=tuple(c // boc[0] for c in boc), num_res_blocks=d["layers_per_block"],
-        z_channels=d["latent_channels"], embed_dim=d["latent_channels"],
-        norm_groups=d.get("norm_num_groups", 32), scale_factor=d.get("scaling_factor", 0.18215))
+def vae_config_from_diffusers(d: dict, where: str = "vae config") -> AutoencoderConfig:
+    c = ConfigFile(d, where)
+    c.check_keys(VAE_KEYS, "AutoencoderKL")
+    boc = c.ints("block_out_channels")
+    if any(b % boc[0] for b in boc):
+        raise c.invalid("block_out_channels", "multiples of its first entry")
+    for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        if c.get(key, [block] * len(boc)) != [block] * len(boc):
+            raise c.invalid(key, f"{[block] * len(boc)}, one per block_out_channels")
+    latent = c.int("latent_channels")
+    return c.build(
+        AutoencoderConfig, in_channels=c.int("in_channels", 3), out_ch=c.int("out_channels", 3), ch=boc[0],
+        ch_mult=tuple(b // boc[0] for b in boc), num_res_blocks=c.uniform("layers_per_block"),
+        z_channels=latent, embed_dim=latent, norm_groups=c.int("norm_num_groups", 32),
+        scale_factor=c.positive("scaling_factor", 0.18215))
 
 
 def vae_config_to_diffusers(cfg: AutoencoderConfig, sample_size: int) -> dict:
@@ -372,23 +639,80 @@ def vae_config_to_diffusers(cfg: AutoencoderConfig, sample_size: int) -> dict:
     }
 
 
-def load_diffusers(folder: Path, allow_pickle: bool = False) -> tuple[LDMConfig, dict]:
+# SD-compat: how a CLIP tokenizer pads prompts; SD1 folders pad with the end token, SD2 with "!" (id 0)
+_PAD_TOKENS = {"<|endoftext|>": "eos", "!": "zero"}
+
+
+def _tokenizer_pad_token(folder: Path) -> str | None:
+    """The pad token of the folder's tokenizer/, None without one."""
+    files = [folder / "tokenizer" / name for name in ("tokenizer_config.json", "special_tokens_map.json")]
+    if not any(f.is_file() for f in files):
+        return None
+    pad = next((p for f in files if f.is_file() and (p := _json(f).get("pad_token"))), "<|endoftext|>")
+    return pad.get("content") if isinstance(pad, dict) else pad  # AddedToken as a dict in older files
+
+
+def _text_config_from_diffusers(folder: Path) -> TextEncoderConfig:
+    """SD1 folders hold OpenAI CLIP (quick_gelu); SD2 folders OpenCLIP converted to a
+    CLIPTextModel (gelu, one layer fewer), which we load back as the OpenCLIP tower."""
+    path = folder / "text_encoder" / "config.json"
+    c = ConfigFile(_json(path), str(path))
+    pad_token = _tokenizer_pad_token(folder)
+    if c.choice("model_type", ("clip_text_model", "t5"), "clip_text_model") == "t5":
+        c.check_keys(T5_TEXT_KEYS)
+        for key in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"):
+            c.int(key)
+        # T5 tokenises with its own tokenizer; pad_with only round-trips
+        return c.build(text.text_config_from_hf, c.d, "t5", "last", "zero" if pad_token == "!" else "eos")
+    c.check_keys(CLIP_TEXT_KEYS)
+    for key, default in (("vocab_size", _REQUIRED), ("hidden_size", _REQUIRED), ("intermediate_size", _REQUIRED),
+                         ("num_hidden_layers", _REQUIRED), ("num_attention_heads", _REQUIRED),
+                         ("max_position_embeddings", 77), ("projection_dim", 512)):
+        c.int(key, default)
+    if c.d["hidden_size"] % c.d["num_attention_heads"]:
+        raise c.invalid("num_attention_heads", f"a divisor of hidden_size={c.d['hidden_size']}")
+    act = c.choice("hidden_act", ("quick_gelu", "gelu"), "quick_gelu")
+    if pad_token is not None:
+        if pad_token not in _PAD_TOKENS:
+            raise ValueError(f"{folder / 'tokenizer'}: pad_token {pad_token!r}: ldm's CLIP tokenizer pads with "
+                             f"'<|endoftext|>' (SD1) or '!' (SD2)")
+        pad_with = _PAD_TOKENS[pad_token]
+    elif c.d.get("pad_token_id") in (0, text.EOS_ID):  # set on purpose: transformers' default is 1
+        pad_with = "zero" if c.d["pad_token_id"] == 0 else "eos"
+    else:  # no tokenizer/: as the encoder implies, OpenCLIP converted (SD2) pads with 0, OpenAI CLIP (SD1) with the end token
+        pad_with = "zero" if act == "gelu" else "eos"
+    kind, layer = ("openclip", "penultimate") if act == "gelu" else ("clip", "last")
+    return c.build(text.text_config_from_hf, c.d, kind, layer, pad_with)
+
+
+def diffusers_config(folder: Path) -> LDMConfig:
+    """The config of a diffusers folder, from its config files alone (no weights are read)."""
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"{folder} is not a diffusers model folder (no model_index.json)")
     index = _json(folder / "model_index.json")
     for part in ("unet", "vae", "text_encoder"):
         if part not in index:
             raise ValueError(f"{folder}/model_index.json names no {part}: not a SD 1.x/2.x pipeline")
-    vae_cfg = vae_config_from_diffusers(_json(folder / "vae" / "config.json"))
-    unet_cfg, size = unet_config_from_diffusers(_json(folder / "unet" / "config.json"), vae_cfg.downsample_factor)
+    vae_path, unet_path = folder / "vae" / "config.json", folder / "unet" / "config.json"
+    vae_cfg = vae_config_from_diffusers(_json(vae_path), str(vae_path))
+    unet_cfg, size = unet_config_from_diffusers(_json(unet_path), vae_cfg.downsample_factor, str(unet_path))
     text_cfg = _text_config_from_diffusers(folder)
     sched_path = folder / "scheduler" / "scheduler_config.json"
-    sched = schedule_from_diffusers(_json(sched_path)) if sched_path.is_file() else ScheduleConfig()
-    cfg = LDMConfig(unet=unet_cfg, autoencoder=vae_cfg, text_encoder=text_cfg, schedule=sched, sample_size=size)
+    sched, sampler = (schedule_from_diffusers(_json(sched_path), str(sched_path)) if sched_path.is_file()
+                      else (ScheduleConfig(), "ddim"))
+    return LDMConfig(unet=unet_cfg, autoencoder=vae_cfg, text_encoder=text_cfg, schedule=sched, sample_size=size,
+                     default_sampler=sampler)
+
+
+def load_diffusers(folder: Path, allow_pickle: bool = False) -> tuple[LDMConfig, dict]:
+    cfg = diffusers_config(folder)
     sd = {UNET + k: v for k, v in convert.unet_from_diffusers(
-        _read_folder_weights(folder / "unet", allow_pickle), unet_cfg).items()}
+        _read_folder_weights(folder / "unet", allow_pickle), cfg.unet).items()}
     sd.update({VAE + k: v for k, v in convert.vae_from_diffusers(
-        _read_folder_weights(folder / "vae", allow_pickle), vae_cfg).items()})
+        _read_folder_weights(folder / "vae", allow_pickle), cfg.autoencoder).items()})
     sd.update({TEXT + k: v for k, v in _text_from_diffusers(
-        _read_folder_weights(folder / "text_encoder", allow_pickle), text_cfg).items()})
+        _read_folder_weights(folder / "text_encoder", allow_pickle), cfg.text_encoder).items()})
     return cfg, sd
 
 
@@ -401,30 +725,67 @@ def save_diffusers(sd: dict, cfg: LDMConfig, folder: Path) -> None:
                       {**unet_config_to_diffusers(cfg.unet, cfg.latent_size), **version}),
              "vae": (convert.vae_to_diffusers(_split(sd, VAE), cfg.autoencoder),
                      {**vae_config_to_diffusers(cfg.autoencoder, cfg.sample_size), **version})}
-    for name, (weights, config) in parts.items():
-        write_safetensors(weights, folder / name / "diffusion_pytorch_model.safetensors")
-        _write_json(config, folder / name / "config.json")
-    write_safetensors(te_sd, folder / "text_encoder" / "model.safetensors", {"format": "pt"})
-    _write_json(te_config, folder / "text_encoder" / "config.json")
-    _write_json({**schedule_to_diffusers(cfg.schedule), **version}, folder / "scheduler" / "scheduler_config.json")
-    text.save_hf_tokenizer(folder / "tokenizer", cfg.text_encoder.pad_with, cfg.text_encoder.max_length)
-    _write_json({"_class_name": "StableDiffusionPipeline", **version,
-                 "feature_extractor": [None, None], "safety_checker": [None, None],
-                 "image_encoder": [None, None], "requires_safety_checker": False,
-                 "scheduler": ["diffusers", "DDIMScheduler"],
-                 "text_encoder": ["transformers", te_config["architectures"][0]],
-                 "tokenizer": ["transformers", "CLIPTokenizer"],
-                 "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]},
-                folder / "model_index.json")
+    scheduler = schedule_to_diffusers(cfg.schedule, cfg.default_sampler)
+    # the save replaces the whole folder: never one that isn't a model (a typo'd home directory)
+    if folder.exists() and not (folder / "model_index.json").is_file() and \
+            not (folder.is_dir() and not any(folder.iterdir())):
+        raise ValueError(f"{folder} exists and is not a diffusers model folder (no model_index.json): not "
+                         f"replacing it; save to a new or empty folder")
+
+    def write(tmp: Path) -> None:
+        for name, (weights, config) in parts.items():
+            write_safetensors(weights, tmp / name / "diffusion_pytorch_model.safetensors")
+            _write_json(config, tmp / name / "config.json")
+        write_safetensors(te_sd, tmp / "text_encoder" / "model.safetensors", {"format": "pt"})
+        _write_json(te_config, tmp / "text_encoder" / "config.json")
+        _write_json({**scheduler, **version}, tmp / "scheduler" / "scheduler_config.json")
+        text.save_hf_tokenizer(tmp / "tokenizer", cfg.text_encoder.pad_with, cfg.text_encoder.max_length)
+        _write_json({"_class_name": "StableDiffusionPipeline", **version,
+                     "feature_extractor": [None, None], "safety_checker": [None, None],
+                     "image_encoder": [None, None], "requires_safety_checker": False,
+                     "scheduler": ["diffusers", scheduler["_class_name"]],
+                     "text_encoder": ["transformers", te_config["architectures"][0]],
+                     "tokenizer": ["transformers", "CLIPTokenizer"],
+                     "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]},
+                    tmp / "model_index.json")
+
+    atomic_write_dir(folder, write)
 
 
 # ---------------------------------------------------------------------------------------------
 # Entry points
 
 
-def load(path: str | Path, config: LDMConfig | None = None, *, prediction_type: str | None = None,
+def resolve_config(config: LDMConfig | str | Path | None) -> LDMConfig | None:
+    """The `config=` of `load`: an LDMConfig; an ldm config file, .yaml (`ldm.config.save_yaml`) or
+    .json (`LDMConfig.to_json`); or a diffusers folder whose config files describe the model, as
+    diffusers' `from_single_file(path, config=folder)` reads it (its weights are not read)."""
+    if config is None or isinstance(config, LDMConfig):
+        return config
+    if not isinstance(config, (str, os.PathLike)):
+        raise TypeError(f"config must be an LDMConfig, a .yaml/.json config file or a diffusers folder, "
+                        f"got {type(config).__name__}")
+    path = Path(config)
+    if path.is_dir():
+        return diffusers_config(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config at {path}")
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        raise ValueError(f"{path}: a config is a .yaml or .json ldm config file or a diffusers folder")
+    import yaml
+    try:
+        if path.suffix == ".json":
+            return LDMConfig.from_json(path.read_text())
+        return load_yaml(LDMConfig, path)
+    except (ValueError, TypeError, yaml.YAMLError) as e:
+        raise ValueError(f"{path} is not a valid ldm config: {e}") from e
+
+
+def load(path: str | Path, config: LDMConfig | str | Path | None = None, *, prediction_type: str | None = None,
          use_ema: bool = False, allow_pickle: bool = False) -> tuple[LDMConfig, dict]:
-    """(config, state dict in our module's keys) of any supported checkpoint."""
+    """(config, state dict in our module's keys) of any supported checkpoint. `config` (see
+    `resolve_config`) overrides the file's own, and is needed for an original file that is not SD1/SD2."""
+    config = resolve_config(config)
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "diffusers":
@@ -436,8 +797,13 @@ def load(path: str | Path, config: LDMConfig | None = None, *, prediction_type: 
                 cfg = LDMConfig.from_json(meta["ldm_config"])
             except (ValueError, TypeError, KeyError) as e:
                 raise ValueError(f"{path}: the config in its metadata is invalid: {e}") from e
+        elif config is not None:
+            cfg = config
         else:
-            cfg = config or infer_config(raw, prediction_type)
+            try:
+                cfg = infer_config(raw, prediction_type)
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from e
         sd = from_original(raw, cfg, use_ema)
     if config is not None:
         cfg = config
@@ -470,6 +836,17 @@ def save(sd: dict, cfg: LDMConfig, path: str | Path, fmt: str = "ldm",
 
 
 def load_into(model: torch.nn.Module, sd: dict, source: str) -> None:
-    """Strict load: every key present with its shape, nothing extra; else one clear error."""
+    """Strict load: every key present with its shape, nothing extra; else one clear error.
+
+    The tensors become the model's parameters (assign=True: no second copy of the model in memory),
+    each copied first into fresh, contiguous memory, replacing its entry in `sd` so the source can be
+    freed as we go. The copy is what makes a model compute the same numbers whatever file it came
+    from: a tensor read from a .safetensors file lies at whatever address alignment the file's
+    header length gives it (the ldm format's header holds the config), and CPU matmul kernels pick
+    their vectorised path by alignment, so batch-1 linears (the time embedding) summed in another
+    order gave outputs ~2e-6 apart for bit-identical weights. Views left by the key conversions
+    (transposes, chunks, [:, :, None, None]) get ordinary strides the same way."""
     convert.assert_shapes_match(sd, model.state_dict(), f"checkpoint {source}")
+    for k in list(sd):
+        sd[k] = sd[k].clone(memory_format=torch.contiguous_format)
     model.load_state_dict(sd, strict=True, assign=True)

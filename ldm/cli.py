@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -44,20 +45,72 @@ def png_parameters(info: dict, model_name: str, hash_: str) -> dict[str, str]:
     return {"parameters": "\n".join(lines), **fields, "model": model_name, "model_hash": hash_}
 
 
-def save_png(image, path: Path, text: dict[str, str]) -> None:
-    from PIL.PngImagePlugin import PngInfo
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
+
+def save_image(image, path: Path, text: dict[str, str]) -> None:
+    """Write by the file's extension, atomically: PNG with one text chunk per field; JPEG and WebP
+    with `parameters` in the EXIF UserComment, where A1111 puts it."""
     from .checkpoint import atomic_write
-    meta = PngInfo()
-    for k, v in text.items():
-        meta.add_itxt(k, v)
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=meta))
+    fmt = IMAGE_FORMATS[path.suffix.lower()]
+    if fmt == "PNG":
+        from PIL.PngImagePlugin import PngInfo
+        meta = PngInfo()
+        for k, v in text.items():
+            meta.add_itxt(k, v)
+        kwargs = dict(pnginfo=meta)
+    else:
+        from PIL import Image
+        exif = Image.Exif()
+        exif[0x9286] = b"UNICODE\0" + text["parameters"].encode("utf-16-be")   # EXIF UserComment
+        kwargs = dict(exif=exif.tobytes(), quality=95)
+    atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **kwargs))
 
 
 def output_paths(out: Path, n: int) -> list[Path]:
     if n == 1:
         return [out]
-    return [out.with_name(f"{out.stem}-{i:02d}{out.suffix or '.png'}") for i in range(n)]
+    return [out.with_name(f"{out.stem}-{i:02d}{out.suffix}") for i in range(n)]
+
+
+def check_outputs(paths: list[Path]) -> None:
+    """Refuse outputs that can't be written before any work: an unknown extension, a folder, a
+    folder that can't be created or written."""
+    import tempfile
+    for path in paths:
+        if path.suffix.lower() not in IMAGE_FORMATS:
+            raise ValueError(f"-o {path}: write .png, .jpg or .webp (the format follows the extension)")
+        if path.is_dir():
+            raise ValueError(f"-o {path} is a folder: give a file name, e.g. {path / 'out.png'}")
+    for parent in dict.fromkeys(p.parent for p in paths):
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=parent).close()
+        except OSError as e:
+            raise ValueError(f"can't write images into {parent}: {e.strerror or e}") from e
+
+
+def check_generate_args(args) -> None:
+    """The flags the library checks too, with its checks, before the model is loaded."""
+    from .checks import as_float, as_int, check_device
+    from .samplers import check_options
+    if args.steps is not None:
+        as_int(args.steps, "--steps", 1)
+    if args.scale is not None:
+        as_float(args.scale, "--scale", 0, hint=" (1 = no guidance)")
+    as_float(args.guidance_rescale, "--guidance-rescale", 0, 1, hint=" (0 = off)")
+    for name in ("height", "width"):
+        if getattr(args, name) is not None:
+            as_int(getattr(args, name), f"--{name}", 1)
+    if args.seed is not None:
+        as_int(args.seed, "--seed", 0, 2 ** 64 - 1)
+    as_int(args.n, "-n", 1)
+    as_int(args.batch_size, "--batch-size", 1)
+    if args.sampler is not None:
+        check_options(args.sampler, args.eta, args.karras)
+    check_device(args.device)
+    if args.region and args.no_regions:
+        raise ValueError("--region and --no-regions contradict each other: give one")
 
 
 def parse_region(text: str):
@@ -79,29 +132,37 @@ def cmd_generate(args) -> int:
     from tqdm import tqdm
 
     from .pipeline import Pipeline, default_model_path
+    check_generate_args(args)
+    paths = output_paths(Path(args.output), args.n)
+    check_outputs(paths)
     model = Path(args.model) if args.model else default_model_path()
     pipe = Pipeline.from_pretrained(model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
-                                    prediction_type=args.prediction_type, allow_pickle=args.allow_pickle)
-    if args.region and args.no_regions:
-        raise ValueError("--region and --no-regions contradict each other: give one")
+                                    prediction_type=args.prediction_type, allow_pickle=args.allow_pickle,
+                                    config=args.config)
     regions = [parse_region(r) for r in args.region] if args.region else None if args.no_regions else "auto"
-    steps = args.steps or pipe.config.default_steps
-    with tqdm(total=steps, desc="sampling", unit="step", disable=args.quiet) as bar:
-        images = pipe(args.prompt, negative_prompt=args.negative, steps=steps, guidance_scale=args.scale,
-                      guidance_rescale=args.guidance_rescale, height=args.height, width=args.width,
-                      seed=args.seed, matcher_scale=args.matcher_scale, sampler=args.sampler,
-                      karras=args.karras, eta=args.eta, num_images_per_prompt=args.n, regions=regions,
-                      callback=lambda d: bar.update(1))
+    steps = pipe.config.default_steps if args.steps is None else args.steps
     hash_ = model_hash(model)
-    for image, path in zip(images, output_paths(Path(args.output), len(images))):
-        save_png(image, path, png_parameters(image.info, model.name, hash_))
-        print(path)
+    # -n in batches of --batch-size, batch k seeded seed + k: memory stays that of one batch, and
+    # every image is on disk as soon as its batch is done
+    seed = random.randrange(2 ** 32) if args.seed is None else args.seed
+    batches = [paths[i:i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
+    with tqdm(total=steps * len(batches), desc="sampling", unit="step", disable=args.quiet) as bar:
+        for k, batch in enumerate(batches):
+            images = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps,
+                          guidance_scale=args.scale, guidance_rescale=args.guidance_rescale,
+                          height=args.height, width=args.width, seed=seed + k,
+                          matcher_scale=args.matcher_scale, sampler=args.sampler, karras=args.karras,
+                          eta=args.eta, num_images_per_prompt=len(batch), regions=regions,
+                          callback=lambda d: bar.update(1))
+            for image, path in zip(images, batch):
+                save_image(image, path, png_parameters(image.info, model.name, hash_))
+                print(path)
     return 0
 
 
 def cmd_convert(args) -> int:
     from .pipeline import Pipeline
-    pipe = Pipeline.from_pretrained(args.src, prediction_type=args.prediction_type,
+    pipe = Pipeline.from_pretrained(args.src, prediction_type=args.prediction_type, config=args.config,
                                     use_ema=args.use_ema, allow_pickle=args.allow_pickle)
     if args.set:
         from .config import set_settings
@@ -112,6 +173,10 @@ def cmd_convert(args) -> int:
     return 0
 
 
+CONFIG_HELP = ("the model's config: an ldm .yaml/.json config file or a diffusers folder of the model "
+               "(for an original file that is not SD1/SD2, whose shapes don't tell its attention heads)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .samplers import SAMPLERS
     p = argparse.ArgumentParser(prog="ldm", description="Latent text-to-image diffusion (Stable Diffusion family).")
@@ -120,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="draw images from a prompt",
                        description="Draw images from a prompt; PNGs carry the generation parameters.")
     g.add_argument("prompt")
-    g.add_argument("-o", "--output", default="out.png", help="output PNG (numbered when -n > 1)")
+    g.add_argument("-o", "--output", default="out.png",
+                   help="output .png, .jpg or .webp, with the parameters in it (numbered when -n > 1)")
     g.add_argument("--model", help="our .safetensors, an original SD .safetensors or a diffusers folder "
                                    "(default: the model shipped in weights/)")
     g.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
@@ -137,16 +203,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="random seed (default: random, written to the PNG)")
     g.add_argument("--negative", help="negative prompt (replaces the empty prompt as the null condition)")
     g.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: the model's)")
-    g.add_argument("--karras", action="store_true", help="Karras sigmas (euler, euler_ancestral, dpmpp_2m)")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 = deterministic)")
+    g.add_argument("--karras", action=argparse.BooleanOptionalAction,
+                   help="Karras sigmas (euler, euler_ancestral, dpmpp_2m; default: the model's scheduler)")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM η in [0, 1] (0 = deterministic)")
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
     g.add_argument("-n", type=int, default=1, help="number of images")
+    g.add_argument("--batch-size", type=int, default=8,
+                   help="images drawn at once (default 8); batch k of -n is seeded --seed + k")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     g.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
                    help="override for original SD2.x-768 files (v_prediction), which shapes can't tell")
     g.add_argument("--allow-pickle", action="store_true", help="allow .ckpt files (read with weights_only=True)")
+    g.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 
@@ -158,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prediction-type", choices=["epsilon", "v_prediction"])
     c.add_argument("--use-ema", action="store_true", help="take the UNet from the EMA weights")
     c.add_argument("--allow-pickle", action="store_true")
+    c.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change a sampling setting stored with the model (default_steps, "
                         "default_guidance_scale, default_sampler, layout_planner, ...); repeatable")
@@ -178,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, TypeError, OSError, FloatingPointError) as e:   # FileNotFoundError is an OSError
         print(f"ldm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -14,6 +14,24 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 
+def require(cfg, name: str, ok, allowed: str, where: str | None = None) -> None:
+    """Config validation (__post_init__): unless ok(value), a ValueError naming the field, its value
+    and what is allowed. `where` prefixes the name (default: the class name and a dot)."""
+    value = getattr(cfg, name)
+    if not ok(value):
+        where = type(cfg).__name__ + "." if where is None else where
+        raise ValueError(f"{where}{name} must be {allowed}, got {value!r}")
+
+
+def _positive(v) -> bool:
+    return v >= 1
+
+
+def _groups_divide(widths):
+    # layers.normalize takes min(groups, width) groups: widths below `groups` always work
+    return lambda g: g >= 1 and all(w % min(g, w) == 0 for w in widths)
+
+
 @dataclass(frozen=True)
 class AutoencoderConfig:
     """KL autoencoder (CompVis `ddconfig`). Downsampling factor f = 2 ** (len(ch_mult) - 1)."""
@@ -34,6 +52,15 @@ class AutoencoderConfig:
     def downsample_factor(self) -> int:
         return 2 ** (len(self.ch_mult) - 1) * self.pixel_scale
 
+    def __post_init__(self):
+        for name in ("in_channels", "out_ch", "ch", "num_res_blocks", "z_channels", "embed_dim", "pixel_scale"):
+            require(self, name, _positive, ">= 1")
+        require(self, "ch_mult", lambda v: len(v) > 0 and min(v) >= 1, "a non-empty list of integers >= 1")
+        require(self, "attn_resolutions", lambda v: all(r >= 1 for r in v), "a list of downsampling factors >= 1")
+        require(self, "scale_factor", lambda v: 0 < v < float("inf"), "a finite number > 0")
+        widths = sorted({self.ch, *(self.ch * m for m in self.ch_mult)})  # every GroupNorm's width
+        require(self, "norm_groups", _groups_divide(widths), f"a divisor of every width >= it among {widths}")
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -53,6 +80,32 @@ class UNetConfig:
     use_scale_shift_norm: bool = False # AdaGN h = norm(h)·(1+scale)+shift (Dhariwal & Nichol); SD adds
     norm_groups: int = 32
     use_checkpoint: bool = False       # gradient checkpointing in training
+
+    def __post_init__(self):
+        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "transformer_depth",
+                     "context_dim"):
+            require(self, name, _positive, ">= 1")
+        require(self, "channel_mult", lambda v: len(v) > 0 and min(v) >= 1, "a non-empty list of integers >= 1")
+        require(self, "attention_resolutions", lambda v: all(r >= 1 for r in v),
+                "a list of downsampling factors >= 1")
+        require(self, "num_classes", lambda v: v is None or v >= 1, "null or >= 1")
+        # the widths UNetModel builds: its levels, and the decoder's inputs (level + skip, concatenated)
+        mc, nrb = self.model_channels, self.num_res_blocks
+        levels = [mc * m for m in self.channel_mult]
+        skips = [mc] + [w for i, w in enumerate(levels) for _ in range(nrb + (i < len(levels) - 1))]
+        widths, ch = {mc, *levels}, levels[-1]
+        for w in reversed(levels):
+            for _ in range(nrb + 1):
+                widths.add(ch + skips.pop())
+                ch = w
+        require(self, "norm_groups", _groups_divide(widths), f"a divisor of every width >= it among {sorted(widths)}")
+        attn = sorted({levels[-1]} | {w for i, w in enumerate(levels) if 2 ** i in self.attention_resolutions})
+        if self.num_head_channels != -1:  # SD2: fixed head width, num_heads unused (-1)
+            require(self, "num_head_channels", lambda v: v >= 1 and all(w % v == 0 for w in attn),
+                    f"-1 (heads from num_heads) or a divisor of the attention widths {attn}")
+        else:
+            require(self, "num_heads", lambda v: v >= 1 and all(w % v == 0 for w in attn),
+                    f"a divisor of the attention widths {attn} (or set num_head_channels)")
 
     def heads_at(self, channels: int) -> tuple[int, int]:
         """(num_heads, head_dim) of a transformer with `channels` channels."""
@@ -81,18 +134,39 @@ class TextEncoderConfig:
     bidirectional: bool = False      # clip only: drop CLIP's causal mask, so every token sees the whole
                                      # prompt (LDM's BERT-style τθ); t5 is always bidirectional
 
+    def __post_init__(self):
+        require(self, "kind", lambda v: v in ("clip", "openclip", "t5"), "one of clip, openclip, t5")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_length",
+                     "projection_dim", "d_kv"):
+            require(self, name, _positive, ">= 1")
+        if self.kind != "t5":  # t5 heads have their own width, d_kv
+            require(self, "num_heads", lambda v: self.hidden_size % v == 0,
+                    f"a divisor of hidden_size={self.hidden_size}")
+        if self.layer == "penultimate":
+            require(self, "num_layers", lambda v: v >= 2, ">= 2 with layer: penultimate")
+
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Discrete-time diffusion process. Names as in diffusers' scheduler configs."""
+    """Discrete-time diffusion process and sampler settings, named and valued as in the real SD 1.x/2.x
+    diffusers scheduler configs. None = not set by the checkpoint: each sampler then takes the default
+    of its diffusers class, as `Cls.from_config(pipe.scheduler.config)` does (ldm/scheduler_config.py)."""
     num_train_timesteps: int = 1000
     beta_schedule: str = "scaled_linear"  # CompVis "linear" is this; also "linear", "squaredcos_cap_v2"
     beta_start: float = 0.00085
     beta_end: float = 0.012
     prediction_type: str = "epsilon"      # "epsilon" | "v_prediction" | "sample"
-    timestep_spacing: str = "leading"     # "leading" (SD, + steps_offset) | "trailing" | "linspace"
+    timestep_spacing: str | None = None   # "leading" (+ steps_offset) | "trailing" | "linspace"; SD sets
+                                          # none: "leading" for DDPM/DDIM/PNDM, "linspace" for Euler/DPM++
     steps_offset: int = 1
     rescale_betas_zero_snr: bool = False  # ᾱ_T = 0 (Lin et al. 2023); pair with v_prediction, "trailing"
+    clip_sample: bool = False             # DDPM/DDIM clip pred_x0 to ±clip_sample_range
+    clip_sample_range: float = 1.0
+    set_alpha_to_one: bool | None = False # DDIM/PNDM: the last step ends at ᾱ = 1, not ᾱ_0; unset: DDIM
+                                          # True, PNDM False
+    use_karras_sigmas: bool = False       # Karras σ's for euler and dpmpp_2m when no sampler is named
+    skip_prk_steps: bool = True           # PNDM: PLMS from the first step (SD); False = PRK warm-up
+    variance_type: str = "fixed_small"    # DDPM: "fixed_small" (β̃_t) | "fixed_large" (β_t)
 
 
 @dataclass(frozen=True)
@@ -122,6 +196,15 @@ class LDMConfig:
     @property
     def latent_size(self) -> int:
         return self.sample_size // self.autoencoder.downsample_factor
+
+    def __post_init__(self):
+        f = self.autoencoder.downsample_factor
+        require(self, "sample_size", lambda v: v >= 1 and v % f == 0,
+                f"a positive multiple of the autoencoder's downsampling factor {f}")
+        require(self, "default_steps", _positive, ">= 1")
+        for name, note in (("default_guidance_scale", " (1: no guidance)"), ("default_matcher_scale", " (0: off)")):
+            require(self, name, lambda v: 0 <= v < float("inf"), f"a finite number >= 0{note}")  # NaN fails
+        require(self, "regions_from_t", lambda v: v >= 0, ">= 0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

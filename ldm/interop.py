@@ -6,8 +6,10 @@ from . import checkpoint, convert, scheduler_config, text
 
 
 def to_diffusers(pipe):
-    """A diffusers StableDiffusionPipeline (DDIM scheduler) holding copies of `pipe`'s weights."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    """A diffusers StableDiffusionPipeline (the scheduler of the model's default sampler) holding copies
+    of `pipe`'s weights."""
+    import diffusers
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     cfg, sd = pipe.config, pipe.model.state_dict()
@@ -21,8 +23,8 @@ def to_diffusers(pipe):
     with tempfile.TemporaryDirectory() as tmp:
         text.save_hf_tokenizer(tmp, cfg.text_encoder.pad_with, cfg.text_encoder.max_length)
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
-    scheduler = DDIMScheduler(**{k: v for k, v in scheduler_config.schedule_to_diffusers(cfg.schedule).items()
-                                 if not k.startswith("_")})
+    config = scheduler_config.schedule_to_diffusers(cfg.schedule, cfg.default_sampler)
+    scheduler = getattr(diffusers, config["_class_name"]).from_config(config)   # as loading a folder does
     ref = StableDiffusionPipeline(unet=unet.eval(), vae=vae.eval(), text_encoder=te.eval(), tokenizer=tokenizer,
                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                   requires_safety_checker=False)

@@ -17,8 +17,10 @@ from .diffusion import LatentDiffusion
 from .guidance import check_guidance_rescale, check_matcher_scale, classifier_free, matcher_guidance
 from .layout import planner
 from .regions import Region, as_regions, box_mask, regional_classifier_free
-from .samplers import SAMPLERS, sample
+from .checks import as_float, as_int, as_size, available_memory, check_device
+from .samplers import SAMPLERS, check_options, sample
 from .schedule import alphas_cumprod
+from .scheduler_config import karras_of, resolve
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "ldm-default.safetensors"
@@ -54,6 +56,7 @@ def _as_list(prompt, what: str) -> list[str]:
 class Pipeline:
     def __init__(self, model: LatentDiffusion, device="cpu", dtype: torch.dtype = torch.float32,
                  source: str | None = None):
+        device = check_device(device)
         self.model = model.to(device=device, dtype=dtype).eval()
         self.device, self.dtype, self.source = torch.device(device), dtype, source
 
@@ -77,11 +80,13 @@ class Pipeline:
     # -- loading and saving -----------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device="cpu", dtype=torch.float32, *,
-                        config: LDMConfig | None = None, prediction_type: str | None = None,
+                        config: LDMConfig | str | Path | None = None, prediction_type: str | None = None,
                         use_ema: bool = False, allow_pickle: bool = False) -> "Pipeline":
         """Load our .safetensors, an original SD .safetensors, or a diffusers folder; no path: the
-        default model. `config` overrides what a file says or implies; `prediction_type` too
-        ("v_prediction" for SD2.x-768, which tensor shapes can't tell)."""
+        default model. `config` overrides what a file says or implies: an LDMConfig, an ldm .yaml/.json
+        config file, or a diffusers folder of the model (needed for an original file that is not SD1/SD2);
+        `prediction_type` too ("v_prediction" for SD2.x-768, which tensor shapes can't tell)."""
+        check_device(device)                             # before reading gigabytes
         path = Path(path) if path is not None else default_model_path()
         cfg, sd = checkpoint.load(path, config, prediction_type=prediction_type, use_ema=use_ema,
                                   allow_pickle=allow_pickle)
@@ -135,12 +140,13 @@ class Pipeline:
                  steps: int | None = None, guidance_scale: float | None = None,
                  height: int | None = None, width: int | None = None, seed: int | None = None,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-                 sampler: str | None = None, eta: float = 0.0, karras: bool = False,
+                 sampler: str | None = None, eta: float = 0.0, karras: bool | None = None,
                  num_images_per_prompt: int = 1, output_type: str = "pil", callback=None,
                  guidance_rescale: float = 0.0, matcher_scale: float | None = None,
                  regions="auto", regions_from_t: int | None = None):  # new ones last
         """Images for `prompt`: a list of PIL images, a float array (N, H, W, 3) in [0, 1] ("np"),
-        or latents ("latent"). Defaults come from the model's config. guidance_rescale φ ∈ [0, 1]:
+        or latents ("latent"). Defaults (None) come from the model's config; karras=None follows the
+        model's scheduler config (its use_karras_sigmas, for euler and dpmpp_2m). guidance_rescale φ ∈ [0, 1]:
         CFG rescale (Lin et al. 2023) against overexposure at high guidance_scale; 0 = off.
         matcher_scale: guidance by the model's noised image–text matcher, if it has one; 0 = off.
         regions: boxes with their own prompts (`ldm.regions.Region` or (prompt, (left, top, right,
@@ -150,11 +156,14 @@ class Pipeline:
         cfg = self.config
         steps = cfg.default_steps if steps is None else steps
         guidance_scale = cfg.default_guidance_scale if guidance_scale is None else guidance_scale
-        sampler = sampler or cfg.default_sampler
-        height, width = height or cfg.sample_size, width or cfg.sample_size
+        sampler = cfg.default_sampler if sampler is None else sampler
+        height = cfg.sample_size if height is None else height
+        width = cfg.sample_size if width is None else width
         prompts = _as_list(prompt, "prompt")
-        negatives = self._check(prompts, negative_prompt, steps, guidance_scale, height, width,
-                                sampler, output_type, num_images_per_prompt, seed)
+        negatives, steps, guidance_scale, height, width, num_images_per_prompt, seed = self._check(
+            prompts, negative_prompt, steps, guidance_scale, height, width, sampler, output_type,
+            num_images_per_prompt, seed, eta, karras)
+        karras = karras_of(resolve(cfg.schedule, sampler), sampler, karras)
         check_guidance_rescale(guidance_rescale)                                # before any work
         matcher_scale = cfg.default_matcher_scale if matcher_scale is None else matcher_scale
         check_matcher_scale(matcher_scale, cfg)
@@ -249,33 +258,45 @@ class Pipeline:
                                         masks, guidance_scale, from_t, guidance_rescale)
 
     def _check(self, prompts, negative_prompt, steps, guidance_scale, height, width, sampler,
-               output_type, num_images_per_prompt, seed) -> list[str]:
-        """Validate the arguments of __call__ before any work; returns the negative prompts."""
+               output_type, num_images_per_prompt, seed, eta, karras):
+        """Validate the arguments of __call__ before any work; returns the negative prompts and the
+        numbers as plain Python ints and floats."""
         negatives = [""] * len(prompts) if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
         if len(negatives) == 1 and len(prompts) > 1:
             negatives = negatives * len(prompts)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts: give one "
                              f"negative prompt, or one per prompt")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an integer ≥ 1, got {steps!r}")
-        if steps > self.config.schedule.num_train_timesteps:
-            raise ValueError(f"steps must be ≤ {self.config.schedule.num_train_timesteps} (the "
-                             f"training timesteps), got {steps}")
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number ≥ 0 (1 = no guidance), got {guidance_scale!r}")
+        T = self.config.schedule.num_train_timesteps
+        steps = as_int(steps, "steps", 1, T, hint=" (at most the training timesteps)")
+        guidance_scale = as_float(guidance_scale, "guidance_scale", 0, hint=" (1 = no guidance)")
         f = self.config.autoencoder.downsample_factor
-        for name, v in (("height", height), ("width", width)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < f or v % f:
-                lo, hi = max(f, (v // f) * f) if isinstance(v, int) else f, ((v // f) + 1) * f if isinstance(v, int) else f
-                raise ValueError(f"{name} must be a positive multiple of {f}, got {v!r}; the nearest "
-                                 f"valid sizes are {lo} and {hi}")
+        height, width = as_size(height, "height", f), as_size(width, "width", f)
         if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+            whose = " (the model's default scheduler)" if sampler == self.config.default_sampler else ""
+            raise ValueError(f"unknown sampler {sampler!r}{whose}; choose one of {', '.join(SAMPLERS)}")
+        check_options(sampler, eta, karras)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be an integer ≥ 1, got {num_images_per_prompt!r}")
-        if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2 ** 64):
-            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-        return negatives
+        num_images_per_prompt = as_int(num_images_per_prompt, "num_images_per_prompt", 1)
+        if seed is not None:
+            seed = as_int(seed, "seed", 0, 2 ** 64 - 1)
+        self._check_memory(len(prompts) * num_images_per_prompt, height, width)
+        return negatives, steps, guidance_scale, height, width, num_images_per_prompt, seed
+
+    def _check_memory(self, batch: int, height: int, width: int) -> None:
+        """Refuse a request whose activations can't fit, before any work, instead of dying in the
+        allocator. Counts only what surely is held at once: the UNet's skip activations for the
+        2×batch CFG rows at the latent size, and the decoder's two widest full-size feature maps."""
+        cfg, f = self.config, self.config.autoencoder.downsample_factor
+        h, w, size = height // f, width // f, torch.finfo(self.dtype).bits // 8
+        unet = cfg.unet.model_channels * sum(m * (cfg.unet.num_res_blocks + 1) / 4 ** i
+                                             for i, m in enumerate(cfg.unet.channel_mult))
+        decoder = 2 * cfg.autoencoder.ch * cfg.autoencoder.ch_mult[0] * height * width
+        need = size * (2 * batch * unet * h * w + batch * decoder)
+        have = available_memory(self.device)
+        if need > have:
+            side = int((have / need) ** 0.5 * min(height, width)) // f * f
+            raise ValueError(f"{batch} image(s) of {width}×{height} need at least {need / 2 ** 30:.1f} GiB, "
+                             f"and {self.device.type} has {have / 2 ** 30:.1f} GiB available; use fewer "
+                             f"images at once or a smaller size (about {side}×{side} fits at this count)")

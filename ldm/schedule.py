@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ScheduleConfig
+from .scheduler_config import resolve
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -221,7 +222,8 @@ def _checked(ts: np.ndarray, num_steps: int, cfg: ScheduleConfig) -> np.ndarray:
 
 
 def sampling_timesteps(num_steps: int, cfg: ScheduleConfig) -> torch.Tensor:
-    """(S,) long, descending: DDPMScheduler / DDIMScheduler `set_timesteps`."""
+    """(S,) long, descending: DDPMScheduler / DDIMScheduler / PNDMScheduler `set_timesteps`."""
+    cfg = resolve(cfg, "ddim")
     _check_steps(num_steps, cfg)
     return torch.from_numpy(_checked(_spaced(num_steps, cfg), num_steps, cfg).astype(np.int64))
 
@@ -261,6 +263,7 @@ def t_to_sigma(t: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
 def euler_schedule(num_steps: int, cfg: ScheduleConfig, karras: bool = False):
     """(timesteps (S,) float32, sigmas (S+1,) float64 ending in 0): EulerDiscreteScheduler's grid;
     "linspace" timesteps are fractional, Karras σ's span the spaced timesteps' σ range."""
+    cfg = resolve(cfg, "euler")
     _check_steps(num_steps, cfg)
     ts = torch.from_numpy(_checked(_spaced(num_steps, cfg, round_linspace=False), num_steps, cfg))
     ts = ts.float()                                        # diffusers interpolates at float32 t
@@ -275,6 +278,7 @@ def euler_schedule(num_steps: int, cfg: ScheduleConfig, karras: bool = False):
 def dpm_solver_timesteps(num_steps: int, cfg: ScheduleConfig) -> torch.Tensor:
     """(S,) long: DPMSolverMultistepScheduler spaces S+1 points and drops the last
     ("linspace", "leading"); "trailing" is as in sampling_timesteps."""
+    cfg = resolve(cfg, "dpmpp_2m")
     _check_steps(num_steps, cfg)
     if cfg.timestep_spacing == "trailing":
         ts = _spaced(num_steps, cfg)

@@ -1,17 +1,28 @@
 """Training configs for train_ldm.py and train_vae.py: frozen dataclasses loaded strictly from YAML
 (configs/train_*.yaml), then `key.sub=value` overrides from the command line. The model config is a
 preset name or LDMConfig YAML (`model_preset`) or the `--init` checkpoint's own config, refined by
-the `model:` section; a config that does not fit the `--init` checkpoint is an error."""
+the `model:` section; a config that does not fit the `--init` checkpoint is an error. Every value is
+checked when the config is built (__post_init__), so a bad one stops a run before any work."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 from .config import (PRESETS, AutoencoderConfig, LDMConfig, TextEncoderConfig, UNetConfig, apply_overrides,
-                     from_dict, load_yaml, tiny)
+                     from_dict, require, tiny)
 
 LR_SCHEDULES = ("constant", "cosine")
+MIXED_PRECISION = ("", "no", "fp16", "bf16")
+
+
+def _at_least(low):
+    return lambda v: low <= v < float("inf")  # NaN and inf fail
+
+
+def _probability(v) -> bool:
+    return 0 <= v <= 1
 
 
 @dataclass(frozen=True)
@@ -29,6 +40,13 @@ class DataConfig:
     num_workers: int = 0
     cache_latents: bool = False      # train_ldm: encode once, keep the posterior moments under out_dir
 
+    def __post_init__(self):
+        for name, allowed in (("resolution", ">= 0 (0: the model's sample_size)"), ("resize", ">= 0 (0: resolution)"),
+                              ("limit", ">= 0 (0: all images)"), ("num_workers", ">= 0")):
+            require(self, name, _at_least(0), allowed, "data.")
+        require(self, "holdout", lambda v: 0 <= v < 1 or float(v).is_integer(),
+                "a fraction in [0, 1) or a whole count of images", "data.")
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -42,9 +60,14 @@ class OptimConfig:
     lr_schedule: str = "constant"    # after warm-up: "constant", or "cosine" decay to 0 at max_steps
 
     def __post_init__(self):
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"optim.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
-                             f"got {self.lr_schedule!r}")
+        require(self, "lr_schedule", lambda v: v in LR_SCHEDULES, f"one of {', '.join(LR_SCHEDULES)}", "optim.")
+        require(self, "lr", lambda v: 0 < v < float("inf"), "a finite number > 0", "optim.")
+        require(self, "eps", lambda v: 0 < v < float("inf"), "a finite number > 0", "optim.")
+        require(self, "betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)", "optim.")
+        require(self, "weight_decay", _at_least(0), "a finite number >= 0", "optim.")
+        require(self, "grad_clip", _at_least(0), "a finite number >= 0 (0: no clipping)", "optim.")
+        require(self, "warmup_steps", _at_least(0), ">= 0", "optim.")
+        require(self, "grad_accum", _at_least(1), ">= 1", "optim.")
 
 
 @dataclass(frozen=True)
@@ -63,6 +86,13 @@ class RunConfig:
     export: str = ""                 # final .safetensors; "": a default name in out_dir
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self):
+        for name, low, note in (("max_steps", 1, " (optimizer steps to train)"), ("batch_size", 1, ""),
+                                ("log_every", 1, ""), ("keep_checkpoints", 1, ""), ("seed", 0, ""),
+                                ("checkpoint_every", 0, " (0: no checkpoints)")):
+            require(self, name, _at_least(low), f">= {low}{note}", "")
+        require(self, "mixed_precision", lambda v: v in MIXED_PRECISION, "'', 'no', 'fp16' or 'bf16'", "")
 
 
 @dataclass(frozen=True)
@@ -88,9 +118,14 @@ class TrainConfig(RunConfig):
         return bool(self.grounding or self.grounding_pixel)
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("noise_offset", "snr_gamma", "grounding", "grounding_pixel"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
+            require(self, name, _at_least(0), ">= 0 (0 turns it off)", "")
+        require(self, "cond_drop", _probability, "a probability in [0, 1]", "")
+        require(self, "ema_decay", _probability, "in [0, 1]", "")
+        require(self, "sample_every", _at_least(0), ">= 0 (0: no samples)", "")
+        require(self, "sample_steps", _at_least(1), ">= 1", "")
+        require(self, "sample_guidance_scale", _at_least(0), "a finite number >= 0", "")
 
 
 @dataclass(frozen=True)
@@ -109,6 +144,15 @@ class VAETrainConfig(RunConfig):
     init_logvar: float = -6.0        # a fresh posterior's initial log-variance (train_vae.py explains)
     fit_scale_factor: bool = True    # export scale_factor = 1 / std(z) (LDM §4.3.2) measured on training images
 
+    def __post_init__(self):
+        super().__post_init__()
+        for name, allowed in (("kl_weight", ">= 0"), ("perceptual_weight", ">= 0 (0: off)"),
+                              ("disc_weight", ">= 0 (0: no discriminator)"), ("disc_lr", ">= 0 (0: optim.lr)"),
+                              ("disc_start", ">= 0"), ("eval_every", ">= 0 (0: at the start and the end)")):
+            require(self, name, _at_least(0), allowed, "")
+        require(self, "disc_layers", _at_least(1), ">= 1", "")
+        require(self, "init_logvar", lambda v: abs(v) < float("inf"), "a finite number", "")
+
 
 # ---------------------------------------------------------------------------------------------
 # Building a config: YAML, then the model, then command-line overrides
@@ -125,11 +169,37 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
+def _read_yaml(path) -> dict:
+    """A YAML file's mapping; a syntax error names the file and the line, as a ValueError."""
+    import yaml
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        at = f", line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{path}{at}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
+    return raw
+
+
+@contextlib.contextmanager
+def _user_error(prefix: str = "", catch=(TypeError,)):
+    """A value of the wrong type (from_dict/apply_overrides raise TypeError naming the key, the
+    type and the value) is bad input like any other: a ValueError, which the scripts report in one
+    line. `prefix` says where the value came from (a file)."""
+    try:
+        yield
+    except catch as e:
+        raise ValueError(f"{prefix}{e}") from None
+
+
 def _preset(cls, name: str):
     if name in PRESETS:
         ldm = PRESETS[name]()
     elif Path(name).suffix in (".yaml", ".yml") and Path(name).is_file():
-        ldm = load_yaml(LDMConfig, name)
+        with _user_error(f"{name}: ", (TypeError, ValueError)):
+            ldm = from_dict(LDMConfig, _read_yaml(name))
     else:
         raise ValueError(f"model_preset {name!r} is neither a preset ({', '.join(PRESETS)}) nor an "
                          f"existing LDMConfig .yaml file")
@@ -155,20 +225,20 @@ def load_train_config(cls, path: str | None = None, overrides=(), init: str | No
     """TrainConfig / VAETrainConfig from a YAML file and `a.b=value` overrides. With an init
     checkpoint, `read_model(init)` gives its model config: the base when model_preset is "", else it
     must fit the preset's architecture."""
-    import yaml
     raw = {}
     if path:
         if not Path(path).is_file():
             raise FileNotFoundError(f"no training config at {path}")
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
+        raw = _read_yaml(path)
     model_raw = raw.pop("model", None) or {}
     if not isinstance(model_raw, dict):
         raise ValueError(f"{path}: `model:` must be a mapping of model config keys")
     overrides = [o.lstrip("-") for o in overrides]
     model_over = [o[len("model."):] for o in overrides if o.startswith("model.")]
-    cfg = apply_overrides(from_dict(cls, raw), [o for o in overrides if not o.startswith("model.")])
+    with _user_error(f"{path}: " if path else "", (TypeError, ValueError)):
+        cfg = from_dict(cls, raw)
+    with _user_error():
+        cfg = apply_overrides(cfg, [o for o in overrides if not o.startswith("model.")])
     if init is not None:
         cfg = replace(cfg, init=init)
     init_model = read_model(cfg.init) if cfg.init and read_model is not None else None
@@ -179,7 +249,8 @@ def load_train_config(cls, path: str | None = None, overrides=(), init: str | No
     else:
         raise ValueError("model_preset is empty and there is no --init checkpoint: name a preset "
                          f"(--set model_preset=tiny; one of {', '.join(PRESETS)}) or pass --init PATH")
-    model = apply_overrides(model, [f"{k}={v!r}" for k, v in _flatten(model_raw)] + model_over)
+    with _user_error("model."):
+        model = apply_overrides(model, [f"{k}={v!r}" for k, v in _flatten(model_raw)] + model_over)
     if init_model is not None and cfg.model_preset:
         # train_vae.py refits scale_factor, so only there may it differ
         ignore = TRAINING_ONLY | ({"scale_factor"} if cls is VAETrainConfig else set())

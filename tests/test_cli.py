@@ -78,3 +78,76 @@ def test_eval_generates_from_a_model_and_scores(saved, tmp_path, capsys):
     # the saved folder scores the same when evaluated from disk
     assert cli(["eval", "--images", str(out), "--json", str(report)]) == 0
     assert json.loads(report.read_text())["overall"] == result["overall"]
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--steps", "0"], "--steps must be an integer ≥ 1, got 0"),          # ran the default steps before
+    (["--scale", "-1"], "--scale must be a finite number ≥ 0"),
+    (["--eta", "5", "--sampler", "ddim"], r"eta must be a number in \[0, 1\]"),
+    (["--eta", "0.5", "--sampler", "euler"], "eta only applies to the ddim sampler"),
+    (["--height", "-8"], "--height must be an integer ≥ 1"),
+    (["--width", "0"], "--width must be an integer ≥ 1"),
+    (["-n", "0"], "-n must be an integer ≥ 1"),
+    (["--seed", "-5"], "--seed must be an integer"),
+    (["--device", "cuda:7" if __import__("torch").cuda.is_available() else "cuda"], "CUDA|only"),
+    (["--device", "tpu"], "device"),
+    (["--region", "a@0,0,1,1", "--no-regions"], "contradict"),
+])
+def test_generate_flags_checked_like_the_api_before_loading(tmp_path, capsys, flags, match):
+    # no --model file exists: a check that ran after loading would report the missing model instead
+    rc = cli(["generate", "x", "-o", str(tmp_path / "a.png"), "--model", str(tmp_path / "none.safetensors"),
+              "-q", *flags])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert __import__("re").search(match, err), err
+    assert not list(tmp_path.iterdir())
+
+
+def test_generate_refuses_unwritable_outputs_before_work(saved, tmp_path, capsys):
+    model = str(saved["sd1"]["ldm"])
+    (tmp_path / "file").write_text("")
+    (tmp_path / "dir.png").mkdir()
+    (tmp_path / "dir-01.png").mkdir()
+    for out, n, match in [(tmp_path / "file" / "a.png", "3", "can't write images into"),
+                          (tmp_path / "dir.png", "1", "is a folder"),
+                          (tmp_path / "dir.png", "3", "dir-01.png is a folder"),
+                          (tmp_path / "a.gif", "1", "write .png, .jpg or .webp")]:
+        assert cli(["generate", "x", "-o", str(out), "--model", model, "-n", n, "-q"]) == 2
+        assert match in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir-01.png", "dir.png", "file"]
+
+
+def test_generate_writes_jpeg_and_webp_by_extension(saved, tmp_path):
+    model = str(saved["sd1"]["ldm"])
+    for name, fmt in (("a.jpg", "JPEG"), ("b.webp", "WEBP"), ("c.PNG", "PNG")):
+        assert cli(["generate", "a red circle", "-o", str(tmp_path / name), "--model", model, "--steps", "2",
+                    "--seed", "4", "-q"]) == 0
+        img = Image.open(tmp_path / name)
+        assert img.format == fmt
+        if fmt != "PNG":   # A1111's place for the parameters: EXIF UserComment
+            comment = img.getexif().get_ifd(0x8769).get(0x9286) or img.getexif().get(0x9286)
+            assert comment[:8] == b"UNICODE\0"
+            assert comment[8:].decode("utf-16-be").startswith("a red circle\nSteps: 2")
+
+
+def test_generate_many_images_in_batches(saved, tmp_path):
+    model = saved["sd2"]["ldm"]
+    out = tmp_path / "b.png"
+    assert cli(["generate", "x", "-o", str(out), "--model", str(model), "--steps", "2", "-n", "5",
+                "--batch-size", "2", "--seed", "10", "-q"]) == 0
+    files = sorted(tmp_path.glob("b-*.png"))
+    assert len(files) == 5
+    seeds = [Image.open(f).text["seed"] for f in files]
+    assert seeds == ["10", "10", "11", "11", "12"]         # batch k is seeded seed + k
+    # each batch is the library's batch of that seed
+    lib = Pipeline.from_pretrained(model)("x", steps=2, seed=11, num_images_per_prompt=2)
+    assert np.array_equal(np.asarray(Image.open(files[3])), np.asarray(lib[1]))
+
+
+def test_generate_karras_follows_the_model_unless_told(saved, tmp_path):
+    model = str(saved["sd1"]["ldm"])
+    for flags, sampler in ((["--sampler", "euler"], "euler"), (["--sampler", "euler", "--karras"], "euler_karras"),
+                           (["--sampler", "euler", "--no-karras"], "euler")):
+        out = tmp_path / "k.png"
+        assert cli(["generate", "x", "-o", str(out), "--model", model, "--steps", "2", "-q", *flags]) == 0
+        assert Image.open(out).text["sampler"] == sampler

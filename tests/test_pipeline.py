@@ -142,7 +142,17 @@ def test_nan_latents_raise_instead_of_black_image(saved):
     (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
     (dict(prompt=[]), "empty list"),
     (dict(prompt=["a", "b"], negative_prompt=["x", "y", "z"]), "2 prompts but 3 negative prompts"),
-    (dict(sampler="plms"), "choose one of ddpm, ddim, euler"),
+    (dict(sampler="plms"), "choose one of ddpm, ddim, pndm, euler"),
+    (dict(width=0), "width must be a positive multiple of 2, got 0; the nearest valid size is 2"),  # was `or`-ed away
+    (dict(height=0), "height must be a positive multiple of 2, got 0"),
+    (dict(height=-8), "got -8; the nearest valid size is 2"),
+    (dict(steps=1.5), "steps must be an integer"),
+    (dict(eta=5.0, sampler="ddim"), r"eta must be a number in \[0, 1\]"),               # was "math domain error"
+    (dict(eta=0.5, sampler="euler"), "eta only applies to the ddim sampler"),
+    (dict(karras=True, sampler="ddim"), "karras=True applies to"),
+    (dict(seed=-1), "seed must be an integer"),
+    (dict(num_images_per_prompt=0), "num_images_per_prompt must be an integer"),
+    (dict(height=100_000, width=100_000), "need at least .* GiB.*available.*smaller size"),
     (dict(latents=torch.zeros(1, 4, 8, 8)), r"latents must have shape \(1, 4, 16, 16\)"),
     (dict(output_type="tensor"), "output_type must be one of"),
 ])
@@ -152,6 +162,14 @@ def test_bad_input_is_refused_before_work(saved, kwargs, match):
     kwargs = {"prompt": "a", "steps": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
         pipe(**kwargs)
+
+
+def test_numpy_numbers_and_zero_seed_are_valid(saved):
+    pipe = saved["sd1"]["pipe"]
+    a = pipe("a", steps=np.int64(2), height=np.int32(16), width=np.int64(16), seed=np.uint8(0),
+             guidance_scale=np.float32(3.0), num_images_per_prompt=np.int64(1), output_type="np")
+    b = pipe("a", steps=2, height=16, width=16, seed=0, guidance_scale=3.0, output_type="np")
+    assert np.array_equal(a, b) and a.shape == (1, 16, 16, 3)
 
 
 def test_prompt_type_error(saved):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler)
+                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler)
 
 from ldm.config import ScheduleConfig
 from ldm.samplers import SAMPLERS, ddim, ddpm, sample
@@ -34,7 +34,9 @@ def run_diffusers(sched, noise, num_steps, generator, **step_kwargs):
     x = noise * sched.init_noise_sigma
     for t in sched.timesteps:
         out = model_fn(sched.scale_model_input(x, t), t.expand(x.shape[0]))
-        x = sched.step(out, t, x, generator=generator, **step_kwargs).prev_sample
+        if not isinstance(sched, PNDMScheduler):        # the one step() without a generator
+            step_kwargs["generator"] = generator
+        x = sched.step(out, t, x, **step_kwargs).prev_sample
     return x
 
 
@@ -44,6 +46,8 @@ def diffusers_scheduler(name, prediction_type, spacing, karras, **extra):
         return DDPMScheduler(**common, clip_sample=False)
     if name == "ddim":
         return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False)
+    if name == "pndm":
+        return PNDMScheduler(**common, skip_prk_steps=True, set_alpha_to_one=False)
     if name == "euler":
         return EulerDiscreteScheduler(**common, use_karras_sigmas=karras)
     if name == "dpmpp_2m":
@@ -56,7 +60,7 @@ def assert_rel_close(ours, ref, rtol=1e-5):
     assert ours.shape == ref.shape and rel < rtol, f"max relative difference {rel:.2e}"
 
 
-CASES = [("ddpm", False, 0.0), ("ddim", False, 0.0), ("ddim", False, 0.5), ("euler", False, 0.0),
+CASES = [("ddpm", False, 0.0), ("ddim", False, 0.0), ("ddim", False, 0.5), ("pndm", False, 0.0), ("euler", False, 0.0),
          ("euler", True, 0.0), ("euler_ancestral", False, 0.0), ("dpmpp_2m", False, 0.0),
          ("dpmpp_2m", True, 0.0)]
 
@@ -75,8 +79,8 @@ def test_parity_with_diffusers(name, karras, eta, prediction_type, spacing, num_
     assert_rel_close(ours, ref)
 
 
-ZERO_SNR_CASES = [(n, k, e, "v_prediction") for n, k, e in CASES] + [
-    (n, k, e, "epsilon") for n, k, e in CASES if n not in ("ddpm", "ddim")]  # ε can't start at SNR 0
+ZERO_SNR_CASES = [(n, k, e, "v_prediction") for n, k, e in CASES if n != "pndm"] + [  # PNDM: no zero SNR
+    (n, k, e, "epsilon") for n, k, e in CASES if n not in ("ddpm", "ddim", "pndm")]  # ε can't start at SNR 0
 
 
 @pytest.mark.parametrize("name,karras,eta,prediction_type", ZERO_SNR_CASES)
@@ -94,6 +98,30 @@ def test_zero_terminal_snr_parity_with_diffusers(name, karras, eta, prediction_t
     assert_rel_close(ours, ref, rtol=1e-4)  # diffusers' float32 at σ_T = 4096 and β̃ near ᾱ = 0
     if not karras:
         assert seen[0]["t"] == 999
+
+
+@pytest.mark.parametrize("name,extra", [("ddpm", dict(clip_sample=True)),
+                                        ("ddim", dict(clip_sample=True, set_alpha_to_one=True)),
+                                        ("ddim", dict(clip_sample=True, clip_sample_range=2.0)),
+                                        ("pndm", dict(set_alpha_to_one=True))])
+def test_clip_sample_and_set_alpha_to_one_parity(name, extra):
+    # the classes' own defaults, which a folder that leaves the keys unset gets
+    noise, generator = noise_and_generator()
+    sched = diffusers_scheduler(name, "epsilon", "leading", False)
+    sched = type(sched).from_config(sched.config, **extra)
+    ref = run_diffusers(sched, noise, 8, generator)
+    ours = sample(name, model_fn, noise, ScheduleConfig(timestep_spacing="leading", **extra), 8,
+                  generator=torch.Generator().manual_seed(3))
+    plain = sample(name, model_fn, noise, ScheduleConfig(timestep_spacing="leading"), 8,
+                   generator=torch.Generator().manual_seed(3))
+    assert_rel_close(ours, ref)
+    assert not torch.allclose(ours, plain)        # the setting changed the result
+
+
+def test_pndm_refuses_prk_warmup():
+    noise, _ = noise_and_generator()
+    with pytest.raises(ValueError, match="PRK"):
+        sample("pndm", model_fn, noise, ScheduleConfig(skip_prk_steps=False), 8)
 
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim"])
@@ -141,7 +169,8 @@ def test_euler_ancestral_karras_parity(prediction_type):
     sched.set_timesteps(10)
     sched.sigmas, sched.timesteps = karras.sigmas, karras.timesteps
     ref = run_diffusers(sched, noise, 10, generator)
-    ours = sample("euler_ancestral", model_fn, noise, ScheduleConfig(prediction_type=prediction_type), 10,
+    ours = sample("euler_ancestral", model_fn, noise,
+                  ScheduleConfig(prediction_type=prediction_type, timestep_spacing="leading"), 10,
                   karras=True, generator=torch.Generator().manual_seed(3))
     assert_rel_close(ours, ref)
 
@@ -149,8 +178,9 @@ def test_euler_ancestral_karras_parity(prediction_type):
 def test_euler_ancestral_is_ddpm_in_sigma_space():
     # with "leading" spacing both walk the same chain and draw the same noise: identical samples
     noise, _ = noise_and_generator()
-    a = sample("ddpm", model_fn, noise, ScheduleConfig(), 12, generator=torch.Generator().manual_seed(5))
-    b = sample("euler_ancestral", model_fn, noise, ScheduleConfig(), 12, generator=torch.Generator().manual_seed(5))
+    cfg = ScheduleConfig(timestep_spacing="leading")
+    a = sample("ddpm", model_fn, noise, cfg, 12, generator=torch.Generator().manual_seed(5))
+    b = sample("euler_ancestral", model_fn, noise, cfg, 12, generator=torch.Generator().manual_seed(5))
     assert_rel_close(b, a)
 
 
@@ -227,7 +257,7 @@ def test_callback_once_per_step(name):
                  callback=seen.append)
     assert [d["i"] for d in seen] == list(range(5))
     assert torch.equal(seen[-1]["x"], out) and seen[-1]["pred_x0"].shape == SHAPE
-    if name in ("ddpm", "ddim"):
+    if name in ("ddpm", "ddim", "pndm"):
         assert [d["t"] for d in seen] == sampling_timesteps(5, ScheduleConfig()).tolist()
 
 
@@ -240,13 +270,14 @@ def test_nan_raises_floating_point_error(name):
         calls.append(1)
         out = model_fn(x, t)
         return out * float("nan") if len(calls) == 3 else out
-    with pytest.raises(FloatingPointError, match=r"step 2 .*float32.*guidance_scale"):
+    step = 1 if name == "pndm" else 2            # PLMS calls the model twice for its first step
+    with pytest.raises(FloatingPointError, match=rf"step {step} .*float32.*guidance_scale"):
         sample(name, broken, noise, ScheduleConfig(), 6, generator=torch.Generator().manual_seed(0))
 
 
 def test_bad_arguments_raise_value_error():
     noise, _ = noise_and_generator()
-    with pytest.raises(ValueError, match="ddpm, ddim, euler, euler_ancestral, dpmpp_2m"):
+    with pytest.raises(ValueError, match="ddpm, ddim, pndm, euler, euler_ancestral, dpmpp_2m"):
         sample("plms", model_fn, noise, ScheduleConfig(), 10)
     with pytest.raises(ValueError, match="eta"):
         sample("euler", model_fn, noise, ScheduleConfig(), 10, eta=0.5)

@@ -22,7 +22,7 @@ from ldm import checkpoint
 from ldm.config import tiny
 from ldm.diffusion import LatentDiffusion
 from ldm.pipeline import Pipeline
-from ldm.train_state import list_checkpoints, load_autoencoder, state_hash
+from ldm.train_state import list_checkpoints, load_autoencoder, run_cli, state_hash
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -142,6 +142,48 @@ def test_bad_dataset_fails_before_training(data, tmp_path, monkeypatch):
         run_in_process(train_ldm, base_args(data, tmp_path / "run", noise_offset=-0.1), monkeypatch)
     with pytest.raises(ValueError, match="snr_gamma must be >= 0"):
         run_in_process(train_ldm, base_args(data, tmp_path / "run", snr_gamma=-1.0), monkeypatch)
+    assert not (tmp_path / "run").exists()
+
+
+def truncated_dataset(root):
+    """Two captioned PNGs whose headers read but whose pixel data is cut off."""
+    root.mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 40), (200, 40, 40)).save(root / f"img{i}.png")
+        (root / f"img{i}.png").write_bytes((root / f"img{i}.png").read_bytes()[:60])
+        (root / f"img{i}.txt").write_text("a red square")
+    return root
+
+
+@pytest.mark.parametrize("script,case,message", [
+    (train_ldm, "max_steps=0", "max_steps must be >= 1 (optimizer steps to train), got 0"),
+    (train_vae, "max_steps=0", "max_steps must be >= 1 (optimizer steps to train), got 0"),
+    (train_ldm, "optim.lr=-1", "optim.lr must be a finite number > 0, got -1.0"),
+    (train_ldm, "max_steps=abc", "max_steps: expected int, got 'abc'"),
+    (train_ldm, "yaml", "bad.yaml, line 4 column 9: invalid YAML: mapping values are not allowed here"),
+    (train_ldm, "undecodable", "none of the 2 images in {tmp}/broken can be decoded: img0.png, img1.png"),
+])
+def test_bad_input_exits_2_with_one_line_before_any_work(data, tmp_path, monkeypatch, capsys, script, case, message):
+    """As run from the shell (ts.run_cli): exit code 2, one `error:` line naming the problem, no
+    traceback, nothing written."""
+    argv = base_args(data, tmp_path / "run", "configs/train_tiny.yaml" if script is train_ldm
+                     else "configs/train_vae_tiny.yaml", max_steps=2)
+    if case == "yaml":
+        (tmp_path / "bad.yaml").write_text("max_steps: 2\noptim:\n  lr: 1.0e-4\n   betas: [0.9, 0.99]\n")
+        argv += ["--config", str(tmp_path / "bad.yaml")]
+    elif case == "undecodable":
+        argv += ["--set", f"data.path={truncated_dataset(tmp_path / 'broken')}"]
+    else:
+        argv += ["--set", case]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", [script.__file__, *argv])
+    with pytest.raises(SystemExit) as exited:
+        run_cli(script.main)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert message.format(tmp=tmp_path) in err
     assert not (tmp_path / "run").exists()
 
 

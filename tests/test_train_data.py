@@ -62,20 +62,35 @@ def test_transforms_resize_crop_flip(tmp_path):
     assert len(draws) == 1, "an item's augmentation is fixed by (seed, epoch, index)"
 
 
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])  # header fine, data cut: only a full decode notices
+
+
 def test_corrupt_images_are_skipped_and_counted(tmp_path):
-    root = make_folder(tmp_path / "d", n=4)
+    root = make_folder(tmp_path / "d", n=5)
     (root / "garbage.png").write_bytes(b"not an image at all")
-    truncated = (root / "img1.png").read_bytes()
-    (root / "img1.png").write_bytes(truncated[:len(truncated) // 2])  # header fine, data cut
+    truncate(root / "img1.png")
     (root / "metadata.jsonl").open("a").write(json.dumps({"file_name": "garbage.png", "text": "x"}) + "\n")
     report = scan_folder(root, 32)
-    assert report.unreadable == ["garbage.png"]
-    assert "1 unreadable image file(s) will be skipped: garbage.png" in " ".join(report.warnings(32))
+    assert report.unreadable == ["garbage.png", "img1.png"]  # found before training, not mid-run
+    assert "2 unreadable image file(s) will be skipped: garbage.png, img1.png" in " ".join(report.warnings(32))
+    assert [i.path.name for i in report.items] == ["img0.png", "img2.png", "img3.png", "img4.png"]
+    truncate(root / "img3.png")  # broken after the scan: replaced by the next image and counted
     ds = ImageCaptionDataset(report.items, 32)
     loader = DataLoader(ds, batch_size=2, collate_fn=caption_collate)
     batches = list(loader)  # a whole epoch, no exception
     assert sum(int(b["skipped"]) for b in batches) == 1
     assert all(b["x"].shape == (2, 3, 32, 32) for b in batches)
+
+
+def test_a_folder_where_no_image_decodes_is_an_error(tmp_path):
+    root = make_folder(tmp_path / "d", n=3)
+    for i in range(3):
+        truncate(root / f"img{i}.png")
+    with pytest.raises(ValueError, match=rf"none of the 3 images in {root} can be decoded: img0.png, img1.png, "
+                                         r"img2.png \(first error: img0.png: image file is truncated"):
+        scan_folder(root, 32)
 
 
 def test_bad_input_is_reported_before_training(tmp_path):
@@ -144,12 +159,58 @@ def test_train_config_yaml_is_strict_and_overridable(tmp_path):
         load_train_config(TrainConfig, bad)
     with pytest.raises(ValueError, match="unknown config key 'optim.lrr'"):
         load_train_config(TrainConfig, None, ["optim.lrr=1"])
-    with pytest.raises(TypeError, match="max_steps: expected int"):
+    with pytest.raises(ValueError, match="max_steps: expected int, got 'many'"):
         load_train_config(TrainConfig, None, ["max_steps='many'"])
+    with pytest.raises(ValueError, match="max_steps: expected int, got 'abc'"):  # a ValueError: one line in the scripts
+        load_train_config(TrainConfig, None, ["max_steps=abc"])
+    with pytest.raises(ValueError, match="model.unet.model_channels: expected int, got 'wide'"):
+        load_train_config(TrainConfig, None, ["model.unet.model_channels=wide"])
+    bad.write_text("max_steps: 3\noptim: {lr: many}\n")
+    with pytest.raises(ValueError, match=rf"{bad}: optim.lr: expected float, got 'many'"):
+        load_train_config(TrainConfig, bad)
     for path in ("configs/train_sd15_finetune.yaml", "configs/train_sd21_finetune.yaml"):
         assert load_train_config(TrainConfig, path).model.unet.use_checkpoint
     vae = load_train_config(VAETrainConfig, "configs/train_vae_tiny.yaml", ["model.ch=64"])
     assert vae.model.ch == 64 and vae.optim.betas == (0.5, 0.9)
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_steps: 3\noptim:\n  lr: 1.0e-4\n   betas: [0.9, 0.99]\n")
+    with pytest.raises(ValueError, match=rf"{bad}, line 4 column 9: invalid YAML: mapping values are not allowed"):
+        load_train_config(TrainConfig, bad)
+    bad.write_text("unet: {model_channels: 32\n")  # as a model_preset file too
+    with pytest.raises(ValueError, match=rf"{bad}, line 2 column 1: invalid YAML"):
+        load_train_config(TrainConfig, None, [f"model_preset={bad}"])
+
+
+@pytest.mark.parametrize("cls,override,message", [
+    (TrainConfig, "max_steps=0", r"max_steps must be >= 1 \(optimizer steps to train\), got 0"),
+    (TrainConfig, "max_steps=-3", "max_steps must be >= 1"),
+    (TrainConfig, "batch_size=0", "batch_size must be >= 1, got 0"),
+    (TrainConfig, "log_every=0", "log_every must be >= 1, got 0"),
+    (TrainConfig, "checkpoint_every=-1", "checkpoint_every must be >= 0"),
+    (TrainConfig, "keep_checkpoints=0", "keep_checkpoints must be >= 1"),
+    (TrainConfig, "sample_every=-5", "sample_every must be >= 0"),
+    (TrainConfig, "sample_steps=0", "sample_steps must be >= 1"),
+    (TrainConfig, "cond_drop=1.5", r"cond_drop must be a probability in \[0, 1\], got 1.5"),
+    (TrainConfig, "ema_decay=2", "ema_decay must be in"),
+    (TrainConfig, "mixed_precision=fp32", "mixed_precision must be '', 'no', 'fp16' or 'bf16', got 'fp32'"),
+    (TrainConfig, "optim.lr=0", "optim.lr must be a finite number > 0, got 0.0"),
+    (TrainConfig, "optim.lr=-1e-4", "optim.lr must be a finite number > 0, got -0.0001"),
+    (TrainConfig, "optim.grad_accum=0", "optim.grad_accum must be >= 1, got 0"),
+    (TrainConfig, "optim.betas=[0.9]", r"optim.betas must be two numbers in \[0, 1\)"),
+    (TrainConfig, "optim.warmup_steps=-1", "optim.warmup_steps must be >= 0"),
+    (TrainConfig, "data.holdout=1.5", "data.holdout must be a fraction in"),
+    (TrainConfig, "data.resolution=-64", "data.resolution must be >= 0"),
+    (TrainConfig, "model.unet.num_res_blocks=-1", "UNetConfig.num_res_blocks must be >= 1, got -1"),
+    (VAETrainConfig, "disc_layers=0", "disc_layers must be >= 1"),
+    (VAETrainConfig, "kl_weight=-1", "kl_weight must be >= 0"),
+    (VAETrainConfig, "max_steps=0", "max_steps must be >= 1"),
+])
+def test_train_config_values_are_checked_when_built(cls, override, message):
+    with pytest.raises(ValueError, match=message):
+        load_train_config(cls, None, [override])
 
 
 def test_lr_schedule_warms_up_then_holds_or_decays_to_zero():

@@ -1,8 +1,10 @@
 """Image-caption folders for training. Captions come from a Hugging Face imagefolder
 `metadata.jsonl`/`metadata.csv` (`file_name` + a caption column) or from sidecar `name.txt` files.
-`scan_folder` reports bad input before training; images that fail to decode later are replaced by
-the next one and counted, never fatal. Per-sample randomness (crop, flip, caption dropout) is seeded
-by (seed, epoch, index), so a resumed run draws exactly what the interrupted one would have."""
+`scan_folder` decodes every image and reports bad input before training: files that do not decode
+are skipped with a warning that counts and names them, and a folder where none decodes is an error.
+An image that fails to decode later (changed since) is replaced by the next one and counted.
+Per-sample randomness (crop, flip, caption dropout) is seeded by (seed, epoch, index), so a resumed
+run draws exactly what the interrupted one would have."""
 from __future__ import annotations
 
 import csv
@@ -31,7 +33,7 @@ class Item:
 @dataclass
 class FolderReport:
     items: list[Item]                                      # readable images, sorted by path
-    unreadable: list[str] = field(default_factory=list)    # skipped: not even the header decodes
+    unreadable: list[str] = field(default_factory=list)    # skipped: the file does not decode
     small: list[str] = field(default_factory=list)         # shorter side < resolution: upscaled
     uncaptioned: list[str] = field(default_factory=list)   # trained with "" (when allowed)
     missing_files: list[str] = field(default_factory=list) # metadata rows naming no file
@@ -90,7 +92,11 @@ def _read_metadata(root: Path, column: str) -> tuple[dict[Path, str], list[str]]
 def scan_folder(root: str | Path, resolution: int, caption_column: str = "text",
                 captions: str = "required") -> FolderReport:
     """Find images and their captions and check them; raise ValueError on what stops training.
-    captions: "required" (captionless images are an error), "optional" (they get ""), "ignore"."""
+    captions: "required" (captionless images are an error), "optional" (they get ""), "ignore".
+    Every image is decoded in full, as training will (a header can be fine and the data cut off).
+    Files that fail are skipped, as a scraped folder's few broken files should not stop a run, but
+    named in `warnings()` (count and first names); if none decodes, a ValueError names the folder,
+    the first bad files and the first one's error."""
     root = Path(root)
     if not str(root) or not root.is_dir():
         raise ValueError(f"dataset folder {str(root)!r} does not exist: set data.path to a folder of "
@@ -99,14 +105,17 @@ def scan_folder(root: str | Path, resolution: int, caption_column: str = "text",
     if not files:
         raise ValueError(f"dataset folder {root} holds no images ({', '.join(IMAGE_EXTS)})")
     meta, missing = _read_metadata(root, caption_column) if captions != "ignore" else ({}, [])
-    report = FolderReport(items=[], missing_files=missing)
+    report, first_error = FolderReport(items=[], missing_files=missing), ""
     for path in files:
         rel = str(path.relative_to(root))
         try:
             with Image.open(path) as im:
                 w, h = im.size
-        except DECODE_ERRORS:
+                im.draft("RGB", (max(resolution, 1),) * 2)  # JPEG: decode at a reduced scale, still all data
+                im.load()
+        except DECODE_ERRORS as e:
             report.unreadable.append(rel)
+            first_error = first_error or f"{rel}: {e}"
             continue
         if min(w, h) < resolution:
             report.small.append(f"{rel} ({w}×{h})")
@@ -124,7 +133,8 @@ def scan_folder(root: str | Path, resolution: int, caption_column: str = "text",
             f'({{"file_name": ..., "{caption_column}": ...}}) or a sidecar .txt file, '
             f"or set data.allow_uncaptioned=true to train them with the empty caption.")
     if not report.items:
-        raise ValueError(f"none of the {len(files)} images in {root} can be read: {_names(report.unreadable)}")
+        raise ValueError(f"none of the {len(files)} images in {root} can be decoded: {_names(report.unreadable)} "
+                         f"(first error: {first_error})")
     return report
 
 
