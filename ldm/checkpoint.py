@@ -493,7 +493,7 @@ class ConfigFile:
             return default
         return self.d[key]
 
-    def int(self, key: str, default=_REQUIRED) -> int | None:
+    def integer(self, key: str, default=_REQUIRED) -> int | None:
         v = self.get(key, default)
         if v is not None and (not _is_int(v) or v < 1):
             raise self.invalid(key, "an integer >= 1")
@@ -575,16 +575,16 @@ def unet_config_from_diffusers(d: dict, vae_factor: int, where: str = "unet conf
         raise c.invalid("attention_head_dim", "one head count for every block, or one head width (channels / heads)")
     c.choice("upcast_attention", (False, True), False)  # what ldm computes either way: see UNET_KEYS
     cfg = c.build(
-        UNetConfig, in_channels=c.int("in_channels"), out_channels=c.int("out_channels"), model_channels=mc,
+        UNetConfig, in_channels=c.integer("in_channels"), out_channels=c.integer("out_channels"), model_channels=mc,
         channel_mult=tuple(b // mc for b in boc), num_res_blocks=c.uniform("layers_per_block"),
         attention_resolutions=tuple(2 ** i for i in reversed(range(n)) if attn[i]),
         transformer_depth=c.uniform("transformer_layers_per_block", 1),
         context_dim=c.uniform("cross_attention_dim"),
         use_linear_in_transformer=c.choice("use_linear_projection", (False, True), False),
-        num_classes=c.int("num_class_embeds", None),
+        num_classes=c.integer("num_class_embeds", None),
         use_scale_shift_norm=c.choice("resnet_time_scale_shift", ("default", "scale_shift"), "default") == "scale_shift",
-        norm_groups=c.int("norm_num_groups", 32), **head_kw)
-    return cfg, c.int("sample_size", 64) * vae_factor
+        norm_groups=c.integer("norm_num_groups", 32), **head_kw)
+    return cfg, c.integer("sample_size", 64) * vae_factor
 
 
 def unet_config_to_diffusers(cfg: UNetConfig, latent_size: int) -> dict:
@@ -616,11 +616,11 @@ def vae_config_from_diffusers(d: dict, where: str = "vae config") -> Autoencoder
     for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
         if c.get(key, [block] * len(boc)) != [block] * len(boc):
             raise c.invalid(key, f"{[block] * len(boc)}, one per block_out_channels")
-    latent = c.int("latent_channels")
+    latent = c.integer("latent_channels")
     return c.build(
-        AutoencoderConfig, in_channels=c.int("in_channels", 3), out_ch=c.int("out_channels", 3), ch=boc[0],
+        AutoencoderConfig, in_channels=c.integer("in_channels", 3), out_ch=c.integer("out_channels", 3), ch=boc[0],
         ch_mult=tuple(b // boc[0] for b in boc), num_res_blocks=c.uniform("layers_per_block"),
-        z_channels=latent, embed_dim=latent, norm_groups=c.int("norm_num_groups", 32),
+        z_channels=latent, embed_dim=latent, norm_groups=c.integer("norm_num_groups", 32),
         scale_factor=c.positive("scaling_factor", 0.18215))
 
 
@@ -661,14 +661,14 @@ def _text_config_from_diffusers(folder: Path) -> TextEncoderConfig:
     if c.choice("model_type", ("clip_text_model", "t5"), "clip_text_model") == "t5":
         c.check_keys(T5_TEXT_KEYS)
         for key in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"):
-            c.int(key)
+            c.integer(key)
         # T5 tokenises with its own tokenizer; pad_with only round-trips
         return c.build(text.text_config_from_hf, c.d, "t5", "last", "zero" if pad_token == "!" else "eos")
     c.check_keys(CLIP_TEXT_KEYS)
     for key, default in (("vocab_size", _REQUIRED), ("hidden_size", _REQUIRED), ("intermediate_size", _REQUIRED),
                          ("num_hidden_layers", _REQUIRED), ("num_attention_heads", _REQUIRED),
                          ("max_position_embeddings", 77), ("projection_dim", 512)):
-        c.int(key, default)
+        c.integer(key, default)
     if c.d["hidden_size"] % c.d["num_attention_heads"]:
         raise c.invalid("num_attention_heads", f"a divisor of hidden_size={c.d['hidden_size']}")
     act = c.choice("hidden_act", ("quick_gelu", "gelu"), "quick_gelu")

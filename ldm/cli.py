@@ -93,12 +93,13 @@ def check_outputs(paths: list[Path]) -> None:
 def check_generate_args(args) -> None:
     """The flags the library checks too, with its checks, before the model is loaded."""
     from .checks import as_float, as_int, check_device
+    from .guidance import check_guidance_rescale
     from .samplers import check_options
     if args.steps is not None:
         as_int(args.steps, "--steps", 1)
     if args.scale is not None:
         as_float(args.scale, "--scale", 0, hint=" (1 = no guidance)")
-    as_float(args.guidance_rescale, "--guidance-rescale", 0, 1, hint=" (0 = off)")
+    check_guidance_rescale(args.guidance_rescale)
     for name in ("height", "width"):
         if getattr(args, name) is not None:
             as_int(getattr(args, name), f"--{name}", 1)

@@ -146,6 +146,12 @@ class TextEncoderConfig:
             require(self, "num_layers", lambda v: v >= 2, ">= 2 with layer: penultimate")
 
 
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+VARIANCE_TYPES = ("fixed_small", "fixed_large")   # DDPM's; learned variances are not implemented
+
+
 @dataclass(frozen=True)
 class ScheduleConfig:
     """Discrete-time diffusion process and sampler settings, named and valued as in the real SD 1.x/2.x
@@ -167,6 +173,16 @@ class ScheduleConfig:
     use_karras_sigmas: bool = False       # Karras σ's for euler and dpmpp_2m when no sampler is named
     skip_prk_steps: bool = True           # PNDM: PLMS from the first step (SD); False = PRK warm-up
     variance_type: str = "fixed_small"    # DDPM: "fixed_small" (β̃_t) | "fixed_large" (β_t)
+
+    def __post_init__(self):
+        require(self, "num_train_timesteps", _positive, ">= 1")
+        for name in ("beta_start", "beta_end"):
+            require(self, name, lambda v: 0 < v < 1, "a number in (0, 1)")
+        for name, options in (("beta_schedule", BETA_SCHEDULES), ("prediction_type", PREDICTION_TYPES),
+                              ("timestep_spacing", (None, *TIMESTEP_SPACINGS)), ("variance_type", VARIANCE_TYPES)):
+            require(self, name, lambda v: v in options, "one of " + ", ".join(map(str, options)))
+        require(self, "steps_offset", lambda v: v >= 0, ">= 0")
+        require(self, "clip_sample_range", lambda v: 0 < v < float("inf"), "a finite number > 0")
 
 
 @dataclass(frozen=True)

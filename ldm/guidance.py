@@ -11,15 +11,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .checks import as_float
 from .schedule import sigmas_from_alphas_cumprod, t_to_sigma
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def check_guidance_rescale(guidance_rescale: float) -> None:
-    if not isinstance(guidance_rescale, (int, float)) or not 0 <= guidance_rescale <= 1:
-        raise ValueError(f"guidance_rescale must be a number in [0, 1] (0 = off, 0.7 as in Lin et al. "
-                         f"2023), got {guidance_rescale!r}")
+def check_guidance_rescale(guidance_rescale: float) -> float:
+    return as_float(guidance_rescale, "guidance_rescale", 0, 1, hint=" (0 = off, 0.7 as in Lin et al. 2023)")
 
 
 def rescale_cfg(guided: torch.Tensor, out_cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:

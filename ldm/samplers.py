@@ -12,14 +12,14 @@ from typing import Callable
 
 import torch
 
-from .config import ScheduleConfig
+from .config import VARIANCE_TYPES, ScheduleConfig
 from .schedule import (alphas_cumprod, check_prediction_type, dpm_solver_schedule, eps_and_x0_at,
                        euler_schedule, sampling_timesteps)
 from .scheduler_config import karras_of, resolve
 
 SAMPLERS = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "dpmpp_2m")
 VP_SAMPLERS = ("ddpm", "ddim", "pndm")      # step on the integer timestep grid; no Karras σ's
-DDPM_VARIANCES = ("fixed_small", "fixed_large")
+DDPM_VARIANCES = VARIANCE_TYPES
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

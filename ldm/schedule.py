@@ -12,12 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ScheduleConfig
+from .config import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, ScheduleConfig  # noqa: F401
 from .scheduler_config import resolve
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
 def make_beta_schedule(name: str, num_train_timesteps: int, beta_start: float = 0.00085,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import fields, replace
 
-from .config import ScheduleConfig
+from .config import VARIANCE_TYPES, ScheduleConfig, from_dict
 
 # our sampler -> the diffusers scheduler class it reproduces step for step
 SCHEDULER_CLASSES = {
@@ -51,7 +51,6 @@ ONLY = dict(trained_betas=None, thresholding=False, algorithm_type="dpmsolver++"
             sigma_min=None, sigma_max=None, use_dynamic_shifting=False, time_shift_type="exponential")
 # Read by diffusers only when `thresholding` is on, which ONLY keeps off: any value is harmless.
 INERT = ("dynamic_thresholding_ratio", "sample_max_value")
-VARIANCE_TYPES = ("fixed_small", "fixed_large")
 
 
 def resolve(cfg: ScheduleConfig, sampler: str) -> ScheduleConfig:
@@ -93,11 +92,11 @@ def schedule_from_diffusers(d: dict, where: str = "scheduler config") -> tuple[S
     if values["variance_type"] not in VARIANCE_TYPES:
         raise ValueError(f"{where}: variance_type={values['variance_type']!r} is not implemented "
                          f"(only {', '.join(VARIANCE_TYPES)})")
-    if values["clip_sample_range"] is not None:
-        values["clip_sample_range"] = float(values["clip_sample_range"])
-    for k in ("beta_start", "beta_end"):
-        values[k] = float(values[k])
-    return ScheduleConfig(**values), SAMPLER_OF_CLASS.get(cls, cls)
+    try:
+        cfg = from_dict(ScheduleConfig, values)           # types and ranges checked there
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from e
+    return cfg, SAMPLER_OF_CLASS.get(cls, cls) if cls else "ddim"   # no class named: our default
 
 
 def schedule_to_diffusers(cfg: ScheduleConfig, sampler: str = "ddim") -> dict:

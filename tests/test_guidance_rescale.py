@@ -74,14 +74,14 @@ def test_full_rescale_restores_the_conditional_std():
 @pytest.mark.parametrize("phi", [-0.1, 1.5, float("nan"), "0.7"])
 def test_out_of_range_is_refused(phi):
     _, _, context, uncond = inputs()
-    with pytest.raises(ValueError, match=r"guidance_rescale must be a number in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"guidance_rescale must be a finite number in \[0, 1\]"):
         classifier_free(FakeUNet(), context, uncond, 7.5, guidance_rescale=phi)
 
 
 def test_pipeline_refuses_out_of_range_before_work(saved):
     pipe = Pipeline.from_pretrained(saved["sd1"]["ldm"])
     pipe.model.model.diffusion_model = None  # any UNet call would fail with a different error
-    with pytest.raises(ValueError, match=r"guidance_rescale must be a number in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"guidance_rescale must be a finite number in \[0, 1\]"):
         pipe("a", steps=2, guidance_rescale=2.0)
 
 
@@ -97,7 +97,7 @@ def test_same_images_as_diffusers(saved, family):
     b = ours(prompts, steps=5, seed=3, sampler="euler", output_type="np", guidance_rescale=0.7, **kw)
     plain = ours(prompts, steps=5, seed=3, sampler="euler", output_type="np", **kw)
     assert a.std() > 0.05
-    assert np.abs(a - b).max() <= 1 / 255
+    assert np.abs(a - b).max() <= 1e-4          # float32 rounding only (see test_pipeline.PIXEL_TOL)
     assert np.abs(plain - b).max() > 5 / 255    # the option did far more than the tolerance
 
 
@@ -112,4 +112,4 @@ def test_cli_flag_reaches_the_pipeline(saved, tmp_path, capsys):
     assert np.array_equal(np.asarray(img), np.asarray(ref))
     assert cli(["generate", "x", "-o", str(tmp_path / "b.png"), "--model", str(model),
                 "--guidance-rescale", "1.5", "-q"]) == 2
-    assert "guidance_rescale must be a number in [0, 1]" in capsys.readouterr().err
+    assert "guidance_rescale must be a finite number in [0, 1]" in capsys.readouterr().err

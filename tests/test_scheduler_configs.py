@@ -171,3 +171,12 @@ def test_unknown_scheduler_class_must_be_named(saved, tmp_path):
     with pytest.raises(ValueError, match="UniPCMultistepScheduler.*default scheduler.*ddim"):
         pipe("a cat", steps=2)
     assert len(pipe("a cat", steps=2, sampler="ddim")) == 1
+
+
+@pytest.mark.parametrize("key,value,match", [("steps_offset", -1, "steps_offset must be >= 0"),
+                                             ("beta_start", 0, r"beta_start must be a number in \(0, 1\)"),
+                                             ("num_train_timesteps", "1000", "expected int"),
+                                             ("timestep_spacing", "uniform", "timestep_spacing must be one of")])
+def test_bad_values_name_the_file_and_key(key, value, match):
+    with pytest.raises(ValueError, match=f"scheduler_config.json: .*{match}"):
+        schedule_from_diffusers({**SD15_SCHEDULER, key: value}, "scheduler/scheduler_config.json")
