@@ -772,12 +772,11 @@ def resolve_config(config: LDMConfig | str | Path | None) -> LDMConfig | None:
         raise FileNotFoundError(f"no config at {path}")
     if path.suffix not in (".yaml", ".yml", ".json"):
         raise ValueError(f"{path}: a config is a .yaml or .json ldm config file or a diffusers folder")
-    import yaml
     try:
         if path.suffix == ".json":
             return LDMConfig.from_json(path.read_text())
         return load_yaml(LDMConfig, path)
-    except (ValueError, TypeError, yaml.YAMLError) as e:
+    except (ValueError, TypeError) as e:                 # YAML syntax errors included (read_yaml)
         raise ValueError(f"{path} is not a valid ldm config: {e}") from e
 
 

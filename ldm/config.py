@@ -308,6 +308,9 @@ def set_settings(cfg: "LDMConfig", overrides: list[str]) -> "LDMConfig":
             raise ValueError(f"--set {item!r}: only these settings can change without retraining: "
                              f"{', '.join(settings)}")
     cfg = apply_overrides(cfg, overrides)
+    from .samplers import SAMPLERS
+    if cfg.default_sampler not in SAMPLERS:   # a model must draw with no sampler named
+        raise ValueError(f"default_sampler must be one of {', '.join(SAMPLERS)}, got {cfg.default_sampler!r}")
     if cfg.layout_planner is not None:
         from .layout import planner
         planner(cfg.layout_planner)  # a clear error for an unknown name, before anything is written
@@ -323,11 +326,22 @@ def _set_path(obj, path: list[str], value, full: str):
     return replace(obj, **{path[0]: _set_path(getattr(obj, path[0]), path[1:], value, full)})
 
 
-def load_yaml(cls, path: str | Path):
+def read_yaml(path) -> dict:
+    """A YAML file's mapping; a syntax error names the file and the line, as a ValueError."""
     import yaml
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    return from_dict(cls, data)
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        at = f", line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{path}{at}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
+    return raw
+
+
+def load_yaml(cls, path: str | Path):
+    return from_dict(cls, read_yaml(path))
 
 
 def save_yaml(cfg, path: str | Path) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 from .config import (PRESETS, AutoencoderConfig, LDMConfig, TextEncoderConfig, UNetConfig, apply_overrides,
-                     from_dict, require, tiny)
+                     from_dict, read_yaml, require, tiny)
 
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("", "no", "fp16", "bf16")
@@ -169,20 +169,6 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
-def _read_yaml(path) -> dict:
-    """A YAML file's mapping; a syntax error names the file and the line, as a ValueError."""
-    import yaml
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        at = f", line {mark.line + 1} column {mark.column + 1}" if mark else ""
-        raise ValueError(f"{path}{at}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
-    return raw
-
-
 @contextlib.contextmanager
 def _user_error(prefix: str = "", catch=(TypeError,)):
     """A value of the wrong type (from_dict/apply_overrides raise TypeError naming the key, the
@@ -199,7 +185,7 @@ def _preset(cls, name: str):
         ldm = PRESETS[name]()
     elif Path(name).suffix in (".yaml", ".yml") and Path(name).is_file():
         with _user_error(f"{name}: ", (TypeError, ValueError)):
-            ldm = from_dict(LDMConfig, _read_yaml(name))
+            ldm = from_dict(LDMConfig, read_yaml(name))
     else:
         raise ValueError(f"model_preset {name!r} is neither a preset ({', '.join(PRESETS)}) nor an "
                          f"existing LDMConfig .yaml file")
@@ -229,7 +215,7 @@ def load_train_config(cls, path: str | None = None, overrides=(), init: str | No
     if path:
         if not Path(path).is_file():
             raise FileNotFoundError(f"no training config at {path}")
-        raw = _read_yaml(path)
+        raw = read_yaml(path)
     model_raw = raw.pop("model", None) or {}
     if not isinstance(model_raw, dict):
         raise ValueError(f"{path}: `model:` must be a mapping of model config keys")

@@ -98,4 +98,6 @@ def test_convert_refuses_a_nonsensical_setting_and_writes_nothing(saved, tmp_pat
     dst = tmp_path / "out.safetensors"
     assert cli(["convert", str(saved["sd1"]["ldm"]), str(dst), "--to", "ldm", "--set", "default_steps=0"]) == 2
     assert "default_steps must be >= 1, got 0" in capsys.readouterr().err
+    assert cli(["convert", str(saved["sd1"]["ldm"]), str(dst), "--to", "ldm", "--set", "default_sampler=foo"]) == 2
+    assert "default_sampler must be one of ddpm, ddim, pndm" in capsys.readouterr().err
     assert not dst.exists()
