@@ -31,13 +31,14 @@ from ldm.data.images import (CachedLatentDataset, ImageCaptionDataset, build_lat
                              scan_folder, split_holdout)
 from ldm.data.grounding import GroundedDataset, scenes_by_path
 from ldm.diffusion import LatentDiffusion
+from ldm.formats.keys import TEXT, UNET, VAE
 from ldm.ema import EMA
 from ldm.grounding import grounding_loss, recording_cross_attention
 from ldm.pipeline import Pipeline
 from ldm.schedule import alphas_cumprod, diffusion_loss, q_sample, training_noise
 from ldm.train_config import TrainConfig, load_train_config, parse_cli
 
-EXPORT_PREFIX = {"unet": "model.diffusion_model.", "text_encoder": "cond_stage_model."}
+EXPORT_PREFIX = {"unet": UNET, "text_encoder": TEXT}
 
 
 class Denoiser(nn.Module):
@@ -105,7 +106,7 @@ def main(argv=None) -> None:
         scenes = [scenes.get(item.path.resolve()) for item in train_items]
         if not any(scenes):
             raise ValueError(f"the grounding loss needs scene records in {cfg.data.path}/metadata.jsonl (as "
-                             "`python -m ldm.data.scenes` writes them); set grounding=0 for this data")
+                             "`python -m ldm.shapes.scenes` writes them); set grounding=0 for this data")
 
     accelerator = ts.make_accelerator(cfg)
     main_process, device = accelerator.is_main_process, accelerator.device
@@ -122,8 +123,8 @@ def main(argv=None) -> None:
     if cfg.init:
         sd = read_init(cfg.init)[1]
         if vae_sd is not None:
-            sd = {k: v for k, v in sd.items() if not k.startswith(ts.VAE_PREFIX)}
-            sd.update({ts.VAE_PREFIX + k: v for k, v in vae_sd.items()})
+            sd = {k: v for k, v in sd.items() if not k.startswith(VAE)}
+            sd.update({VAE + k: v for k, v in vae_sd.items()})
         with init_empty_weights(include_buffers=False):  # no random init of weights about to be replaced
             model = LatentDiffusion(cfg.model)
         checkpoint.load_into(model, sd, cfg.init)

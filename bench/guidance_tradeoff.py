@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm.eval.adherence import evaluate, load_prompts
-from ldm.eval.cli import PROMPTS, seeded_latents
+from ldm.shapes.adherence import evaluate, load_prompts
+from ldm.shapes.eval_cli import PROMPTS, seeded_latents
 from ldm.pipeline import Pipeline
 
 SCALES = (1.0, 2.0, 3.0, 5.0, 7.5, 10.0)
@@ -92,7 +92,7 @@ def write_report(rows, solver_rows, n, n_div, pipe):
              f"{n_div} prompts × 8 images for diversity; {pipe.config.default_sampler}, "
              f"{pipe.config.default_steps} steps unless stated"
              + (f"; two-object prompts drawn with the regions planned by the model's layout planner "
-                f"(`{pipe.config.layout_planner}`, ldm/layout.py), as by default" if pipe.config.layout_planner else "")
+                f"(`{pipe.config.layout_planner}`, ldm/shapes/layout.py), as by default" if pipe.config.layout_planner else "")
              + ".", "",
              "| guidance scale | overall | " + " | ".join(cats) + " | diversity (RMS px) |",
              "|---" * (len(cats) + 3) + "|"]

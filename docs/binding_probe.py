@@ -22,10 +22,10 @@ from collections import Counter
 
 import torch
 
-from ldm.data.scenes import caption, random_scene
-from ldm.eval.adherence import relation_holds
-from ldm.eval.detect import detect
-from ldm.eval.prompts import parse
+from ldm.shapes.scenes import caption, random_scene
+from ldm.shapes.adherence import relation_holds
+from ldm.shapes.detect import detect
+from ldm.shapes.prompts import parse
 from ldm.pipeline import Pipeline
 from ldm.schedule import alphas_cumprod, eps_and_x0_at, sampling_timesteps
 

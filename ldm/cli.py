@@ -33,14 +33,11 @@ def png_parameters(info: dict, model_name: str, hash_: str) -> dict[str, str]:
                  f"Model: {model_name}, Batch index: {info['batch_index']}")
     if info.get("guidance_rescale"):  # only when used, so plain images keep the usual layout
         lines[-1] += f", CFG rescale: {info['guidance_rescale']}"
-    if info.get("matcher_scale"):
-        lines[-1] += f", Matcher scale: {info['matcher_scale']}"
     if info.get("regions"):
         lines[-1] += f", Regions: {len(info['regions'])}"
     fields = {k: str(info[k]) for k in ("prompt", "negative_prompt", "seed", "steps", "guidance_scale",
                                         "sampler", "height", "width", "batch_index")}
     fields["guidance_rescale"] = str(info.get("guidance_rescale", 0.0))
-    fields["matcher_scale"] = str(info.get("matcher_scale", 0.0))
     fields["regions"] = json.dumps(info.get("regions", []))
     return {"parameters": "\n".join(lines), **fields, "model": model_name, "model_hash": hash_}
 
@@ -51,7 +48,7 @@ IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"
 def save_image(image, path: Path, text: dict[str, str]) -> None:
     """Write by the file's extension, atomically: PNG with one text chunk per field; JPEG and WebP
     with `parameters` in the EXIF UserComment, where A1111 puts it."""
-    from .checkpoint import atomic_write
+    from .formats.files import atomic_write
     fmt = IMAGE_FORMATS[path.suffix.lower()]
     if fmt == "PNG":
         from PIL.PngImagePlugin import PngInfo
@@ -152,7 +149,7 @@ def cmd_generate(args) -> int:
             images = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps,
                           guidance_scale=args.scale, guidance_rescale=args.guidance_rescale,
                           height=args.height, width=args.width, seed=seed + k,
-                          matcher_scale=args.matcher_scale, sampler=args.sampler, karras=args.karras,
+                          sampler=args.sampler, karras=args.karras,
                           eta=args.eta, num_images_per_prompt=len(batch), regions=regions,
                           callback=lambda d: bar.update(1))
             for image, path in zip(images, batch):
@@ -166,7 +163,7 @@ def cmd_convert(args) -> int:
     pipe = Pipeline.from_pretrained(args.src, prediction_type=args.prediction_type, config=args.config,
                                     use_ema=args.use_ema, allow_pickle=args.allow_pickle)
     if args.set:
-        from .config import set_settings
+        from .settings import set_settings
         pipe.model.config = set_settings(pipe.config, args.set)
     import torch
     pipe.save_pretrained(args.dst, args.to, dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None)
@@ -194,8 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scale", type=float, help="classifier-free guidance scale (default: the model's)")
     g.add_argument("--guidance-rescale", type=float, default=0.0,
                    help="CFG rescale φ in [0, 1] against overexposure at high --scale (0 = off, 0.7 typical)")
-    g.add_argument("--matcher-scale", type=float,
-                   help="guidance by the model's image–text matcher (default: the model's; 0 = off)")
     g.add_argument("--region", action="append", default=[], metavar="PROMPT@L,T,R,B",
                    help="draw PROMPT in this box (fractions of the image) while the layout forms; "
                         "repeatable; replaces the model's own layout plan")
@@ -236,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_convert)
 
     try:
-        from .eval import cli as eval_cli
+        from .shapes import eval_cli   # the default model's evaluator (ldm/shapes)
     except ImportError:
         eval_cli = None
     if eval_cli is not None:

@@ -156,7 +156,7 @@ VARIANCE_TYPES = ("fixed_small", "fixed_large")   # DDPM's; learned variances ar
 class ScheduleConfig:
     """Discrete-time diffusion process and sampler settings, named and valued as in the real SD 1.x/2.x
     diffusers scheduler configs. None = not set by the checkpoint: each sampler then takes the default
-    of its diffusers class, as `Cls.from_config(pipe.scheduler.config)` does (ldm/scheduler_config.py)."""
+    of its diffusers class, as `Cls.from_config(pipe.scheduler.config)` does (ldm/formats/diffusers_scheduler.py)."""
     num_train_timesteps: int = 1000
     beta_schedule: str = "scaled_linear"  # CompVis "linear" is this; also "linear", "squaredcos_cap_v2"
     beta_start: float = 0.00085
@@ -185,13 +185,8 @@ class ScheduleConfig:
         require(self, "clip_sample_range", lambda v: 0 < v < float("inf"), "a finite number > 0")
 
 
-@dataclass(frozen=True)
-class MatcherConfig:
-    """Noised image–text matcher (`ldm/matcher.py`), steering sampling towards the caption by its gradient
-    at t ≥ `guide_from_t`, the steps that settle which colour and shape go where."""
-    text_layers: int = 2             # bidirectional transformer layers over the caption (width: the
-    heads: int = 4                   #   text encoder's hidden_size, whose token embedding it shares)
-    guide_from_t: int = 500
+# Fields of experiments removed from ldm, accepted in old files only at the value that turned them off.
+RETIRED = {"matcher": None, "default_matcher_scale": 0.0}
 
 
 @dataclass(frozen=True)
@@ -204,9 +199,7 @@ class LDMConfig:
     default_steps: int = 50
     default_guidance_scale: float = 7.5
     default_sampler: str = "ddim"
-    matcher: MatcherConfig | None = None  # a model with one guides by it at default_matcher_scale
-    default_matcher_scale: float = 0.0
-    layout_planner: str | None = None  # ldm.layout.PLANNERS name: prompt -> regions (ldm/regions.py)
+    layout_planner: str | None = None  # ldm.planners name: prompt -> regions (ldm/regions.py)
     regions_from_t: int = 600          # regions guide the steps at t ≥ this (the layout-forming ones)
 
     @property
@@ -218,8 +211,8 @@ class LDMConfig:
         require(self, "sample_size", lambda v: v >= 1 and v % f == 0,
                 f"a positive multiple of the autoencoder's downsampling factor {f}")
         require(self, "default_steps", _positive, ">= 1")
-        for name, note in (("default_guidance_scale", " (1: no guidance)"), ("default_matcher_scale", " (0: off)")):
-            require(self, name, lambda v: 0 <= v < float("inf"), f"a finite number >= 0{note}")  # NaN fails
+        require(self, "default_guidance_scale", lambda v: 0 <= v < float("inf"),
+                "a finite number >= 0 (1: no guidance)")  # NaN fails
         require(self, "regions_from_t", lambda v: v >= 0, ">= 0")
 
     def to_dict(self) -> dict:
@@ -230,6 +223,11 @@ class LDMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LDMConfig":
+        d = dict(d)
+        for key, off in RETIRED.items():  # files written before an experiment was removed
+            if key in d and d.pop(key) != off:
+                raise ValueError(f"this model uses {key}, an experiment removed from ldm (a noised image-text "
+                                 f"matcher, docs/default_model.md): load it with ldm before that removal")
         return from_dict(cls, d)
 
     @classmethod
@@ -294,26 +292,6 @@ def apply_overrides(cfg, overrides: list[str]):
             except (ValueError, SyntaxError):
                 pass
         cfg = _set_path(cfg, key.split("."), value, key)
-    return cfg
-
-
-def set_settings(cfg: "LDMConfig", overrides: list[str]) -> "LDMConfig":
-    """`apply_overrides` limited to the settings that don't change the weights' shapes: the plain
-    top-level fields of LDMConfig (default_steps, default_sampler, layout_planner, ...)."""
-    settings = sorted(name for name, tp in typing.get_type_hints(LDMConfig).items()
-                      if not any(is_dataclass(a) for a in (tp, *typing.get_args(tp))))  # no sub-config
-    for item in overrides:
-        key = item.lstrip("-").partition("=")[0]
-        if key not in settings:
-            raise ValueError(f"--set {item!r}: only these settings can change without retraining: "
-                             f"{', '.join(settings)}")
-    cfg = apply_overrides(cfg, overrides)
-    from .samplers import SAMPLERS
-    if cfg.default_sampler not in SAMPLERS:   # a model must draw with no sampler named
-        raise ValueError(f"default_sampler must be one of {', '.join(SAMPLERS)}, got {cfg.default_sampler!r}")
-    if cfg.layout_planner is not None:
-        from .layout import planner
-        planner(cfg.layout_planner)  # a clear error for an unknown name, before anything is written
     return cfg
 
 

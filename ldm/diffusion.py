@@ -7,8 +7,7 @@ from torch import nn
 
 from .autoencoder import AutoencoderKL
 from .config import LDMConfig
-from .matcher import NoisedMatcher
-from .text import build_text_encoder, token_embedding_of
+from .text import build_text_encoder
 from .unet import UNetModel
 
 
@@ -20,18 +19,10 @@ class LatentDiffusion(nn.Module):
         self.model.diffusion_model = UNetModel(cfg.unet)
         self.first_stage_model = AutoencoderKL(cfg.autoencoder)
         self.cond_stage_model = build_text_encoder(cfg.text_encoder)
-        if cfg.matcher is not None:
-            self.matcher = NoisedMatcher(cfg.matcher, cfg.text_encoder, cfg.unet,
-                                         token_embedding_of(self.cond_stage_model, cfg.text_encoder))
 
     @property
     def unet(self) -> UNetModel:
         return self.model.diffusion_model
-
-    def match_logits(self, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor,
-                     null_context: torch.Tensor) -> torch.Tensor:
-        """The matcher's logits (B,) for x_t and caption tokens, read from the UNet under the null prompt."""
-        return self.matcher(self.unet, x, t, tokens, null_context)
 
     def encode_first_stage(self, x: torch.Tensor, generator: torch.Generator | None = None,
                            sample: bool = True, resample: bool = True) -> torch.Tensor:

@@ -5,11 +5,9 @@ function (k-diffusion `CFGDenoiser`, sgm `Guider`), so wrappers stack.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .checks import as_float
 from .schedule import sigmas_from_alphas_cumprod, t_to_sigma
@@ -89,25 +87,3 @@ def classifier_guidance(model_fn: ModelFn, grad_log_prob_fn: ModelFn, alphas_cum
         grad = grad_log_prob_fn(x, t)
         return eps - guidance_scale * _sqrt_one_minus_alpha_bar(alphas_cumprod, t, x) * grad
     return guided
-
-
-def check_matcher_scale(matcher_scale: float, cfg) -> None:
-    """A scale > 0 needs a model with a matcher (`LDMConfig.matcher`) and ε-prediction."""
-    if isinstance(matcher_scale, bool) or not isinstance(matcher_scale, (int, float)) \
-            or not math.isfinite(matcher_scale) or matcher_scale < 0:
-        raise ValueError(f"matcher_scale must be a finite number ≥ 0 (0 = off), got {matcher_scale!r}")
-    if matcher_scale > 0 and cfg.matcher is None:
-        raise ValueError("matcher_scale > 0 needs a model with a matcher (train one with train_matcher.py); "
-                         "this model has none: use matcher_scale=0")
-    if matcher_scale > 0 and cfg.schedule.prediction_type != "epsilon":
-        raise ValueError(f"matcher guidance corrects ε; this model predicts {cfg.schedule.prediction_type!r}: "
-                         "use matcher_scale=0")
-
-
-def matcher_guidance(model_fn: ModelFn, match_logits: ModelFn, alphas_cumprod: torch.Tensor,
-                     scale: float, from_t: float) -> ModelFn:
-    """Classifier guidance by log σ(match_logits(x_t, t)) (a `ldm.matcher.NoisedMatcher` bound to the
-    captions), only at t ≥ from_t: the early steps that decide the layout; later ones only sharpen it."""
-    guided = classifier_guidance(model_fn, gradient_of(lambda x, t: F.logsigmoid(match_logits(x, t).float())),
-                                 alphas_cumprod, scale)
-    return lambda x, t: guided(x, t) if float(t.max()) >= from_t else model_fn(x, t)

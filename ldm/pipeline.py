@@ -2,7 +2,6 @@
 -> images. Loading and saving (`from_pretrained`, `save_pretrained`) go through checkpoint.py."""
 from __future__ import annotations
 
-import math
 import random
 from pathlib import Path
 
@@ -14,13 +13,12 @@ from PIL import Image
 from . import checkpoint
 from .config import LDMConfig
 from .diffusion import LatentDiffusion
-from .guidance import check_guidance_rescale, check_matcher_scale, classifier_free, matcher_guidance
-from .layout import planner
+from .guidance import check_guidance_rescale, classifier_free
+from .planners import planner
 from .regions import Region, as_regions, box_mask, regional_classifier_free
 from .checks import as_float, as_int, as_size, available_memory, check_device
 from .samplers import SAMPLERS, check_options, sample
-from .schedule import alphas_cumprod
-from .scheduler_config import karras_of, resolve
+from .formats.diffusers_scheduler import karras_of, resolve
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "ldm-default.safetensors"
@@ -109,10 +107,7 @@ class Pipeline:
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """list of B prompts -> context (B, L, D); "" is the null condition."""
-        return self._encode_tokens(self.text_encoder.tokenize(_as_list(prompts, "prompts")))
-
-    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """token ids (B, L) -> context (B, L, D)."""
+        tokens = self.text_encoder.tokenize(_as_list(prompts, "prompts"))      # (B, L)
         return self.text_encoder(tokens.to(self.device)).to(self.dtype)
 
     @torch.no_grad()
@@ -142,13 +137,12 @@ class Pipeline:
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  sampler: str | None = None, eta: float = 0.0, karras: bool | None = None,
                  num_images_per_prompt: int = 1, output_type: str = "pil", callback=None,
-                 guidance_rescale: float = 0.0, matcher_scale: float | None = None,
+                 guidance_rescale: float = 0.0,
                  regions="auto", regions_from_t: int | None = None):  # new ones last
         """Images for `prompt`: a list of PIL images, a float array (N, H, W, 3) in [0, 1] ("np"),
         or latents ("latent"). Defaults (None) come from the model's config; karras=None follows the
         model's scheduler config (its use_karras_sigmas, for euler and dpmpp_2m). guidance_rescale φ ∈ [0, 1]:
         CFG rescale (Lin et al. 2023) against overexposure at high guidance_scale; 0 = off.
-        matcher_scale: guidance by the model's noised image–text matcher, if it has one; 0 = off.
         regions: boxes with their own prompts (`ldm.regions.Region` or (prompt, (left, top, right,
         bottom)) pairs), one list for every prompt or a list per prompt; "auto" plans them with the
         model's layout planner (`LDMConfig.layout_planner`) if it has one; None = off. They guide
@@ -165,8 +159,6 @@ class Pipeline:
             num_images_per_prompt, seed, eta, karras)
         karras = karras_of(resolve(cfg.schedule, sampler), sampler, karras)
         check_guidance_rescale(guidance_rescale)                                # before any work
-        matcher_scale = cfg.default_matcher_scale if matcher_scale is None else matcher_scale
-        check_matcher_scale(matcher_scale, cfg)
         per_prompt = self._regions(prompts, regions)
         regions_from_t = self._check_regions_from_t(regions_from_t)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -184,8 +176,7 @@ class Pipeline:
                              f"{height}×{width}, got {tuple(latents.shape)}")
         latents = latents.to(self.device, torch.float32)
 
-        tokens = self.text_encoder.tokenize(prompts).to(self.device)            # (N, L)
-        context = self._encode_tokens(tokens)                                   # (N, L, D)
+        context = self.encode_prompt(prompts)                                   # (N, L, D)
         uncond_context = None
         if guidance_scale != 1:
             unique = list(dict.fromkeys(negatives))                            # the null prompt once
@@ -196,10 +187,6 @@ class Pipeline:
         if any(per_prompt):
             model_fn = self._regional(per_prompt, shape, context, uncond_context, guidance_scale,
                                       guidance_rescale, regions_from_t)(model_fn)
-        if matcher_scale > 0:
-            null = self.encode_prompt([""])                                     # (1, L, D)
-            model_fn = matcher_guidance(model_fn, self.model.matcher.bind(self.unet, tokens, null),
-                                        alphas_cumprod(cfg.schedule), matcher_scale, cfg.matcher.guide_from_t)
         z0 = sample(sampler, model_fn, latents, cfg.schedule, steps, eta=eta, karras=karras,
                     generator=generator, callback=callback)                    # (N, C, h, w)
         if output_type == "latent":
@@ -209,7 +196,6 @@ class Pipeline:
             return ((x + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
         images = to_pil(x)
         params = dict(steps=steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                      matcher_scale=matcher_scale,
                       sampler=sampler + ("_karras" if karras else ""), seed=seed, height=height,
                       width=width)
         for i, (img, p, n, rs) in enumerate(zip(images, prompts, negatives, per_prompt)):

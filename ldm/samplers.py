@@ -15,7 +15,7 @@ import torch
 from .config import VARIANCE_TYPES, ScheduleConfig
 from .schedule import (alphas_cumprod, check_prediction_type, dpm_solver_schedule, eps_and_x0_at,
                        euler_schedule, sampling_timesteps)
-from .scheduler_config import karras_of, resolve
+from .formats.diffusers_scheduler import karras_of, resolve
 
 SAMPLERS = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "dpmpp_2m")
 VP_SAMPLERS = ("ddpm", "ddim", "pndm")      # step on the integer timestep grid; no Karras σ's
@@ -262,7 +262,7 @@ def sample(name: str, model_fn: ModelFn, noise: torch.Tensor, schedule: Schedule
            callback=None) -> torch.Tensor:
     """Run sampler `name` from unit-variance `noise` (B, C, h, w) for num_steps; returns x0 (B, C, h, w).
     Settings the schedule leaves unset take the defaults of the sampler's diffusers class; karras=None
-    follows the schedule's use_karras_sigmas where that class reads it (scheduler_config.py).
+    follows the schedule's use_karras_sigmas where that class reads it (formats/diffusers_scheduler.py).
     The callback gets dict(i, t, x, pred_x0) after each step, x being the updated latents."""
     check_options(name, eta, karras)
     schedule = resolve(schedule, name)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, ScheduleConfig  # noqa: F401
-from .scheduler_config import resolve
+from .formats.diffusers_scheduler import resolve
 
 
 

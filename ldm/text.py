@@ -285,16 +285,6 @@ def build_text_encoder(cfg: TextEncoderConfig, tokenizer_dir: str | Path | None 
 # State-dict key maps. "ours" keys are relative to `cond_stage_model.` (CLIPTextEncoder.state_dict()).
 
 
-def token_embedding_of(encoder: nn.Module, cfg: TextEncoderConfig) -> nn.Embedding:
-    """The token embedding table of a CLIP or OpenCLIP text encoder (both tokenise with CLIP's BPE)."""
-    if cfg.kind == "clip":
-        return encoder.transformer.get_input_embeddings()
-    if cfg.kind == "openclip":
-        return encoder.model.token_embedding
-    raise ValueError(f"a matcher reads captions in CLIP's BPE tokens; the {cfg.kind!r} text encoder has "
-                     "other tokens: use a clip or openclip text encoder, or leave matcher unset")
-
-
 def _swap_prefix(sd: dict, old: str, new: str) -> dict:
     bad = [k for k in sd if not k.startswith(old)]
     if bad:

@@ -104,7 +104,7 @@ class TrainConfig(RunConfig):
     noise_offset: float = 0.0        # offset noise (ldm.schedule.training_noise; 0.1 is common); 0: none
     snr_gamma: float = 0.0           # Min-SNR-γ loss weighting (Hang et al. 2023; 5 is theirs); 0: plain MSE
     grounding: float = 0.0           # cross-attention grounding loss weight (ldm.grounding, token term); needs
-    grounding_pixel: float = 0.0     # scene records in metadata.jsonl (python -m ldm.data.scenes); pixel term
+    grounding_pixel: float = 0.0     # scene records in metadata.jsonl (python -m ldm.shapes.scenes); pixel term
     use_ema: bool = True
     ema_decay: float = 0.9999        # warmed up as min(decay, (1 + n) / (10 + n)) (CompVis LitEma)
     sample_every: int = 0            # steps between sample grids; 0: none

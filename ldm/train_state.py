@@ -16,9 +16,10 @@ from pathlib import Path
 
 from . import checkpoint
 from .config import AutoencoderConfig, from_dict
+from .formats.files import read_safetensors, write_safetensors
+from .formats.keys import VAE, split
 
 CKPT_RE = re.compile(r"^step-(\d{8})$")
-VAE_PREFIX = "first_stage_model."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,8 +204,8 @@ def save_autoencoder(sd: dict, cfg: AutoencoderConfig, path: str | Path) -> None
     """One .safetensors: the weights as `first_stage_model.*`, the AutoencoderConfig in its metadata."""
     if Path(path).suffix != ".safetensors":
         raise ValueError(f"{path}: the autoencoder is exported as .safetensors")
-    checkpoint.write_safetensors({VAE_PREFIX + k: v for k, v in sd.items()}, path,
-                                 {"format": "pt", "autoencoder_config": json.dumps(asdict(cfg))})
+    write_safetensors({VAE + k: v for k, v in sd.items()}, path,
+                      {"format": "pt", "autoencoder_config": json.dumps(asdict(cfg))})
 
 
 def load_autoencoder(path: str | Path, allow_pickle: bool = False) -> tuple[AutoencoderConfig, dict]:
@@ -212,12 +213,12 @@ def load_autoencoder(path: str | Path, allow_pickle: bool = False) -> tuple[Auto
     model checkpoint.load reads (ours, an original SD file, a diffusers folder)."""
     path = Path(path)
     if path.suffix == ".safetensors" and path.is_file():
-        tensors, meta = checkpoint.read_safetensors(path)
+        tensors, meta = read_safetensors(path)
         if "autoencoder_config" in meta:
             cfg = from_dict(AutoencoderConfig, json.loads(meta["autoencoder_config"]))
-            return cfg, {k[len(VAE_PREFIX):]: v for k, v in tensors.items() if k.startswith(VAE_PREFIX)}
+            return cfg, split(tensors, VAE)
     cfg, sd = checkpoint.load(path, allow_pickle=allow_pickle)
-    return cfg.autoencoder, {k[len(VAE_PREFIX):]: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
+    return cfg.autoencoder, split(sd, VAE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +236,7 @@ def state_hash(sd: dict) -> str:
 
 def latent_cache_path(folder: str | Path, items, load_res: int, random_flip: bool, autoencoder) -> Path:
     """folder/latents/<hash>.npy: a new autoencoder, resolution, flip setting or image file gets a
-    new cache (train_ldm.py's and train_matcher.py's)."""
+    new cache."""
     fingerprint = [load_res, random_flip, state_hash(autoencoder.state_dict())]
     fingerprint += [(str(i.path), i.path.stat().st_mtime_ns) for i in items]
     return Path(folder) / "latents" / f"{hashlib.sha256(repr(fingerprint).encode()).hexdigest()[:16]}.npy"

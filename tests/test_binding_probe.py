@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ldm.data.scenes import COLOURS, render, scene_from_prompt
+from ldm.shapes.scenes import COLOURS, render, scene_from_prompt
 
 spec = importlib.util.spec_from_file_location("binding_probe", Path(__file__).parents[1] / "docs" / "binding_probe.py")
 probe = importlib.util.module_from_spec(spec)

@@ -9,7 +9,10 @@ import torch
 from safetensors.torch import save_file
 
 from ldm import LatentDiffusion, Pipeline
-from ldm import checkpoint, scheduler_config
+from ldm.formats import files
+from ldm.formats.diffusers_configs import unet_config_to_diffusers, vae_config_to_diffusers
+from ldm.formats.diffusers_scheduler import schedule_from_diffusers, schedule_to_diffusers
+from ldm.formats.original import infer_config, to_original
 from ldm.cli import main as cli
 from ldm.config import sd15, sd21
 from tiny_models import random_model, tiny_sd1
@@ -45,9 +48,9 @@ def test_round_trip_is_bit_exact(saved, family, fmt):
 
 def test_original_config_inferred_from_shapes(saved, family):
     s = saved[family]
-    raw, _ = checkpoint.read_safetensors(s["original"])
+    raw, _ = files.read_safetensors(s["original"])
     heads = dict(num_heads=2) if family == "sd1" else dict(num_heads=-1, num_head_channels=16)
-    inferred = checkpoint.infer_config(raw, s["cfg"].schedule.prediction_type, sample_size=32, text_num_heads=2,
+    inferred = infer_config(raw, s["cfg"].schedule.prediction_type, sample_size=32, text_num_heads=2,
                                        **heads)
     want = s["cfg"]
     assert inferred.unet == want.unet and inferred.autoencoder == want.autoencoder
@@ -70,11 +73,11 @@ def test_full_size_key_manifest(name, make):
     """Key drift at real SD sizes, without weights: our original-layout keys and shapes."""
     with torch.device("meta"):
         model = LatentDiffusion(make())
-    got = {k: list(v.shape) for k, v in checkpoint.to_original(model.state_dict(), make()).items()}
+    got = {k: list(v.shape) for k, v in to_original(model.state_dict(), make()).items()}
     want = json.loads((DATA / f"{name}_keys.json").read_text())
     assert got == want
     meta = {k: torch.empty(v, device="meta") for k, v in want.items()}
-    inferred = checkpoint.infer_config(meta, make().schedule.prediction_type)
+    inferred = infer_config(meta, make().schedule.prediction_type)
     assert inferred.unet == make().unet and inferred.autoencoder == make().autoencoder
     assert inferred.text_encoder == make().text_encoder
 
@@ -86,8 +89,8 @@ def test_manifest_is_what_diffusers_converts(name, make):
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
     cfg = make()
     meta = {k: torch.empty(v, device="meta") for k, v in json.loads((DATA / f"{name}_keys.json").read_text()).items()}
-    ucfg = checkpoint.unet_config_to_diffusers(cfg.unet, cfg.latent_size)
-    vcfg = checkpoint.vae_config_to_diffusers(cfg.autoencoder, cfg.sample_size)
+    ucfg = unet_config_to_diffusers(cfg.unet, cfg.latent_size)
+    vcfg = vae_config_to_diffusers(cfg.autoencoder, cfg.sample_size)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(ucfg)
         vae = AutoencoderKL.from_config(vcfg)
@@ -100,7 +103,7 @@ def test_manifest_is_what_diffusers_converts(name, make):
 # -- strictness and bad files --------------------------------------------------------------------
 
 def _corrupt(saved, tmp_path, edit):
-    raw, meta = checkpoint.read_safetensors(saved["sd1"]["ldm"])
+    raw, meta = files.read_safetensors(saved["sd1"]["ldm"])
     edit(raw)
     path = tmp_path / "bad.safetensors"
     save_file(raw, str(path), metadata=meta)
@@ -142,7 +145,7 @@ def test_truncated_file_is_a_clear_error(saved, tmp_path):
 
 
 def test_invalid_config_metadata_is_a_clear_error(saved, tmp_path):
-    raw, meta = checkpoint.read_safetensors(saved["sd1"]["ldm"])
+    raw, meta = files.read_safetensors(saved["sd1"]["ldm"])
     cfg = json.loads(meta["ldm_config"])
     cfg["unet"]["model_chanels"] = 32
     path = tmp_path / "typo.safetensors"
@@ -152,7 +155,7 @@ def test_invalid_config_metadata_is_a_clear_error(saved, tmp_path):
 
 
 def test_pickle_refused_unless_opted_in(saved, tmp_path):
-    raw, _ = checkpoint.read_safetensors(saved["sd1"]["original"])
+    raw, _ = files.read_safetensors(saved["sd1"]["original"])
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": raw, "global_step": 7}, path)
     with pytest.raises(ValueError, match="pickle"):
@@ -162,7 +165,7 @@ def test_pickle_refused_unless_opted_in(saved, tmp_path):
 
 
 def test_ema_weights_extracted_on_request(saved, tmp_path):
-    raw, _ = checkpoint.read_safetensors(saved["sd1"]["original"])
+    raw, _ = files.read_safetensors(saved["sd1"]["original"])
     ema = {"model_ema." + k[len("model."):].replace(".", ""): v + 1
            for k, v in raw.items() if k.startswith("model.diffusion_model.")}
     path = tmp_path / "ema.safetensors"
@@ -182,7 +185,7 @@ def test_save_is_atomic(saved, tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(checkpoint, "save_file", boom)
+    monkeypatch.setattr(files, "save_file", boom)
     with pytest.raises(OSError):
         saved["sd2"]["pipe"].save_pretrained(path)
     assert path.read_bytes() == before
@@ -195,18 +198,18 @@ def test_zero_terminal_snr_survives_diffusers_scheduler_configs():
     from ldm.config import ScheduleConfig
     from ldm.schedule import alphas_cumprod
     cfg = ScheduleConfig(prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True)
-    sched = DDIMScheduler.from_config(scheduler_config.schedule_to_diffusers(cfg))
+    sched = DDIMScheduler.from_config(schedule_to_diffusers(cfg))
     assert sched.config.rescale_betas_zero_snr and sched.alphas_cumprod[-1].item() < 1e-9
     assert torch.allclose(sched.alphas_cumprod, alphas_cumprod(cfg).float(), rtol=1e-5, atol=1e-10)
     # a diffusers folder's scheduler_config.json, whatever scheduler class wrote it
     other = DPMSolverMultistepScheduler(prediction_type="v_prediction", timestep_spacing="trailing",
                                         rescale_betas_zero_snr=True, beta_schedule="scaled_linear",
                                         beta_start=0.00085, beta_end=0.012, steps_offset=1)
-    read, sampler = scheduler_config.schedule_from_diffusers(dict(other.config))
+    read, sampler = schedule_from_diffusers(dict(other.config))
     assert sampler == "ddim" and alphas_cumprod(read).equal   # a bare config names no class(alphas_cumprod(cfg))
     assert (read.prediction_type, read.timestep_spacing, read.rescale_betas_zero_snr) == (
         "v_prediction", "trailing", True)
-    assert not scheduler_config.schedule_from_diffusers({})[0].rescale_betas_zero_snr
+    assert not schedule_from_diffusers({})[0].rescale_betas_zero_snr
 
 
 def test_bidirectional_text_encoder_lives_in_ldm_files_only(tmp_path):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from ldm import checkpoint
+from ldm.formats.files import read_safetensors
 from ldm.cli import main as cli
 from ldm.config import LDMConfig, apply_overrides, from_dict, load_yaml, save_yaml, sd15, sd21, tiny
 from ldm.train_config import TrainConfig
@@ -85,7 +85,7 @@ def test_values_are_checked_in_files_and_valid_presets_pass():
     # every shipped config still validates: the presets, the test families, the default model
     for make in (sd15, sd21, lambda: sd21(v_prediction=False), tiny, *FAMILIES.values()):
         make()
-    _, meta = checkpoint.read_safetensors(REPO / "weights" / "ldm-default.safetensors")
+    _, meta = read_safetensors(REPO / "weights" / "ldm-default.safetensors")
     assert LDMConfig.from_json(meta["ldm_config"]).autoencoder.downsample_factor == 32  # pixel_scale 8
     load_yaml(LDMConfig, REPO / "configs" / "default_model.yaml")
     # SD2: a fixed head width, num_heads unused (-1)

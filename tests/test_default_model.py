@@ -6,9 +6,9 @@ import torch
 
 from ldm import Pipeline
 from ldm.cli import main as cli
-from ldm.data.scenes import render, scene_from_prompt
-from ldm.eval.adherence import evaluate, load_prompts
-from ldm.eval.cli import PROMPTS, seeded_latents
+from ldm.shapes.scenes import render, scene_from_prompt
+from ldm.shapes.adherence import evaluate, load_prompts
+from ldm.shapes.eval_cli import PROMPTS, seeded_latents
 from ldm.pipeline import default_model_path, to_pil
 
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from ldm.data.scenes import render, scene_from_prompt, write_imagefolder
-from ldm.eval import cli
-from ldm.eval.adherence import evaluate, load_prompts, score
-from ldm.eval.detect import detect, label
-from ldm.eval.prompts import ObjectSpec, PromptSpec, parse
+from ldm.shapes.scenes import render, scene_from_prompt, write_imagefolder
+from ldm.shapes import eval_cli as cli
+from ldm.shapes.adherence import evaluate, load_prompts, score
+from ldm.shapes.detect import detect, label
+from ldm.shapes.prompts import ObjectSpec, PromptSpec, parse
 
 ROOT = Path(__file__).resolve().parents[1]
 

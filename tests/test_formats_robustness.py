@@ -12,6 +12,8 @@ import torch
 from ldm import Pipeline, checkpoint
 from ldm.cli import main as cli
 from ldm.config import save_yaml, sd15, sd21
+from ldm.formats import diffusers_folder, files
+from ldm.formats.diffusers_configs import text_config_from_diffusers
 
 
 def _outputs(pipe):
@@ -100,13 +102,13 @@ def _snapshot(folder):
 
 
 def _fail_after_unet(monkeypatch):
-    real = checkpoint.write_safetensors
+    real = diffusers_folder.write_safetensors
 
     def write(tensors, path, metadata=None):
         if "unet" not in str(path):
             raise OSError("killed")
         real(tensors, path, metadata)
-    monkeypatch.setattr(checkpoint, "write_safetensors", write)
+    monkeypatch.setattr(diffusers_folder, "write_safetensors", write)
 
 
 def test_diffusers_save_failing_midway_keeps_the_old_folder(saved, tmp_path, monkeypatch):
@@ -126,7 +128,7 @@ def test_diffusers_save_replaces_an_existing_folder(saved, tmp_path, monkeypatch
     saved["sd1"]["pipe"].save_pretrained(dst, "diffusers")
     (dst / "unet" / "stale.txt").write_text("from the old folder")
     if not exchange:
-        monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(files, "_exchange", lambda a, b: False)
     saved["sd2"]["pipe"].save_pretrained(dst, "diffusers")
     assert not (dst / "unet" / "stale.txt").exists()
     assert Pipeline.from_pretrained(dst).config.text_encoder.kind == "openclip"
@@ -224,7 +226,7 @@ def _config_folder(root, configs):
 
 @pytest.mark.parametrize("configs,make", [(SD15, sd15), (SD21, sd21)], ids=["sd15", "sd21"])
 def test_real_sd_configs_are_read_exactly(configs, make, tmp_path):
-    cfg, want = checkpoint.diffusers_config(_config_folder(tmp_path, configs)), make()
+    cfg, want = diffusers_folder.diffusers_config(_config_folder(tmp_path, configs)), make()
     assert cfg.unet == want.unet and cfg.autoencoder == want.autoencoder and cfg.sample_size == want.sample_size
     # SD2.1's text_encoder says projection_dim 512 (a field SD never uses)
     assert cfg.text_encoder == replace(want.text_encoder, projection_dim=configs["text_encoder"]["projection_dim"])
@@ -253,7 +255,7 @@ def test_t5_text_encoder_config_is_read_exactly(tmp_path):
                            d_kv=8, hidden_act="gated-gelu")
     (tmp_path / "text_encoder").mkdir()
     (tmp_path / "text_encoder" / "config.json").write_text(json.dumps(hf_config_of(t5).to_dict()))
-    assert checkpoint._text_config_from_diffusers(tmp_path) == t5
+    assert text_config_from_diffusers(tmp_path) == t5
 
 
 MISSING = object()

@@ -14,7 +14,7 @@ from PIL import Image
 from ldm.attention import attention, attention_with_probs
 from ldm.config import tiny
 from ldm.data.grounding import MAX_OBJECTS, object_masks, scenes_by_path, token_groups
-from ldm.data.scenes import Scene, SceneObject, caption, layout, random_scene, write_imagefolder
+from ldm.shapes.scenes import Scene, SceneObject, caption, layout, random_scene, write_imagefolder
 from ldm.grounding import grounding_loss, recording_cross_attention
 from ldm.text import Tokenizer
 from ldm.unet import UNetModel

@@ -147,14 +147,15 @@ def test_class_conditional_scale_shift_unet_matches_diffusers():
     channel-wise as AdaGN scale/shift (diffusers: num_class_embeds, resnet_time_scale_shift)."""
     from dataclasses import replace
 
-    from ldm.checkpoint import UNET, _split, unet_config_to_diffusers
-    from ldm.convert import unet_to_diffusers
+    from ldm.formats.diffusers_configs import unet_config_to_diffusers
+    from ldm.formats.diffusers_keys import unet_to_diffusers
+    from ldm.formats.keys import UNET, split
     from tiny_models import random_model, tiny_sd1
     base = tiny_sd1()
     cfg = replace(base, unet=replace(base.unet, num_classes=5, use_scale_shift_norm=True))
     model = random_model(cfg)
     theirs = UNet2DConditionModel.from_config(unet_config_to_diffusers(cfg.unet, 16)).eval()
-    theirs.load_state_dict(unet_to_diffusers(_split(model.state_dict(), UNET), cfg.unet))
+    theirs.load_state_dict(unet_to_diffusers(split(model.state_dict(), UNET), cfg.unet))
     x, ctx = _unet_inputs(cfg)
     y = torch.tensor([1, 4])
     with torch.no_grad():

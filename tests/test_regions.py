@@ -1,4 +1,4 @@
-"""Regional prompts (ldm/regions.py) and the scene layout planner (ldm/layout.py)."""
+"""Regional prompts (ldm/regions.py) and the scene layout planner (ldm/shapes/layout.py)."""
 import json
 import random
 from dataclasses import replace
@@ -11,11 +11,12 @@ from PIL import Image
 from ldm import Pipeline
 from ldm.cli import main as cli
 from ldm.cli import parse_region
-from ldm.config import LDMConfig, set_settings
-from ldm.data.scenes import caption, random_scene
-from ldm.eval.prompts import parse
+from ldm.config import LDMConfig
+from ldm.settings import set_settings
+from ldm.shapes.scenes import caption, random_scene
+from ldm.shapes.prompts import parse
 from ldm.guidance import classifier_free
-from ldm.layout import HALVES, plan_scene
+from ldm.shapes.layout import HALVES, plan_scene
 from ldm.regions import Region, box_mask, compose, regional_classifier_free
 from tiny_models import random_model, tiny_sd1
 

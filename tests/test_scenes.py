@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ldm.data import scenes
-from ldm.data.scenes import (EXTENT, HELD_OUT, KINDS, Scene, SceneObject, caption, held_out,
+from ldm.shapes import scenes
+from ldm.shapes.scenes import (EXTENT, HELD_OUT, KINDS, Scene, SceneObject, caption, held_out,
                              random_scene, render, scene_from_prompt, write_imagefolder)
-from ldm.eval.prompts import BACKGROUNDS, COLOURS, INVERSE, SHAPES, parse
+from ldm.shapes.prompts import BACKGROUNDS, COLOURS, INVERSE, SHAPES, parse
 
 ROOT = Path(__file__).resolve().parents[1]
 

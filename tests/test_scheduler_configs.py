@@ -13,7 +13,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        StableDiffusionPipeline)
 
 from ldm import Pipeline
-from ldm.scheduler_config import schedule_from_diffusers
+from ldm.formats.diffusers_scheduler import schedule_from_diffusers
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 

@@ -1,1 +1,1 @@
-"""Datasets: procedurally rendered captioned scenes (`ldm.data.scenes`) and dataset classes."""
+"""Datasets: folders of images with captions (`images`); the experiments' scene-record targets (`matching`, `grounding`)."""

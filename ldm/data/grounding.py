@@ -2,7 +2,7 @@
 and shape words) and where it is drawn (a soft mask at latent resolution). `train_ldm.py` uses them
 for the cross-attention grounding loss (`ldm.grounding`; TokenCompose, Wang et al. 2024).
 
-A scene is the `scene` record `python -m ldm.data.scenes` writes beside each caption in metadata.jsonl.
+A scene is the `scene` record `python -m ldm.shapes.scenes` writes beside each caption in metadata.jsonl.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from ldm.data.scenes import SceneObject, draw_object
-from ldm.eval.prompts import COLOUR_WORDS, SHAPE_WORDS
+from ldm.shapes.scenes import SceneObject, draw_object
+from ldm.shapes.prompts import COLOUR_WORDS, SHAPE_WORDS
 from ldm.text import Tokenizer
 
 MAX_OBJECTS = 2  # the scenes hold one or two objects (a counted object is one object with n instances)

@@ -12,7 +12,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageFilter
 
-from ldm.eval.prompts import BACKGROUNDS, COLOURS, SHAPES
+from ldm.shapes.prompts import BACKGROUNDS, COLOURS, SHAPES
 
 FG_THRESHOLD = 40.0      # RGB distance from the background that counts as foreground
 MIN_AREA = 0.004         # components smaller than this fraction of the image are noise
@@ -188,7 +188,7 @@ def _prototypes() -> np.ndarray:
     `classify_shape` interpolates by the last two, so prototypes match the object's own
     resolution and sharpness, and recovers the drawn extent from the measured one.
     """
-    from ldm.data.scenes import EXTENT, Scene, SceneObject, render
+    from ldm.shapes.scenes import EXTENT, Scene, SceneObject, render
     table = np.zeros((len(SHAPES), len(_BLURS), len(_CANVASES), len(_FEATURE_SCALE) + 3))
     for e, canvas in enumerate(_CANVASES):
         for s, shape in enumerate(SHAPES):

@@ -1,6 +1,6 @@
 """Key maps between our parameter names (= original CompVis/SD layout) and diffusers' layout,
 generated from the config, for the UNet and the autoencoder. One table serves both directions."""
-from .config import AutoencoderConfig, UNetConfig
+from ..config import AutoencoderConfig, UNetConfig
 
 _RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
            "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
@@ -102,19 +102,3 @@ def vae_to_diffusers(sd: dict, cfg: AutoencoderConfig) -> dict:
 def vae_from_diffusers(sd: dict, cfg: AutoencoderConfig) -> dict:
     out = _convert(sd, {v: k for k, v in _vae_prefixes(cfg).items()}, "diffusers autoencoder")
     return {k: v[:, :, None, None] if ".attn_1." in k and v.dim() == 2 else v for k, v in out.items()}
-
-
-def assert_shapes_match(sd: dict, reference: dict, what: str) -> None:
-    """Raise a ValueError naming the first missing, unexpected and mismatched keys."""
-    missing = [k for k in reference if k not in sd]
-    unexpected = [k for k in sd if k not in reference]
-    mismatched = [f"{k}: {tuple(sd[k].shape)} vs {tuple(reference[k].shape)}"
-                  for k in reference if k in sd and tuple(sd[k].shape) != tuple(reference[k].shape)]
-    if missing or unexpected or mismatched:
-        def first(xs):
-            return ", ".join(xs[:3]) + (f" (+{len(xs) - 3} more)" if len(xs) > 3 else "") if xs else "none"
-        raise ValueError(f"{what} does not fit the model config: {len(missing)} missing "
-                         f"[{first(missing)}], {len(unexpected)} unexpected [{first(unexpected)}], "
-                         f"{len(mismatched)} mismatched [{first(mismatched)}]. Check that the config "
-                         f"(or --config override) describes this checkpoint.")
-

@@ -3,7 +3,7 @@
 A `Scene` (shapes, colours, sizes, counts, positions, relation, background) is sampled from a
 seed, rendered with Pillow at a 4x supersample and captioned in varied phrasings. Scenes lie on a
 3x3 grid of cells, so objects never overlap and position words are unambiguous.
-Usage: python -m ldm.data.scenes OUT --n 20000 --size 64 --seed 0
+Usage: python -m ldm.shapes.scenes OUT --n 20000 --size 64 --seed 0
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ldm.eval.prompts import BACKGROUNDS, COLOURS, INVERSE, SHAPES, parse
+from ldm.shapes.prompts import BACKGROUNDS, COLOURS, INVERSE, SHAPES, parse
 
 KINDS = ("single", "colour", "position", "counting", "two_objects")
 EXTENT = {"small": 0.19, "large": 0.27}  # bounding-box side as a fraction of the image side
@@ -341,7 +341,7 @@ def eval_prompts(seed: int = 2024, per_category: int = 50) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ldm.data.scenes", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m ldm.shapes.scenes", description=__doc__)
     p.add_argument("out", nargs="?", help="output imagefolder")
     p.add_argument("--n", type=int, default=20000)
     p.add_argument("--size", type=int, default=64)
@@ -364,7 +364,7 @@ def main(argv=None) -> int:
 def eval_prompts_file() -> str:
     """Text of configs/eval_prompts.txt (header comments + one prompt per line)."""
     combos = ", ".join(f"{c} {s}" for c, s in HELD_OUT)
-    header = ("# Fixed eval prompts, generated once by `python -m ldm.data.scenes --eval-prompts "
+    header = ("# Fixed eval prompts, generated once by `python -m ldm.shapes.scenes --eval-prompts "
               "configs/eval_prompts.txt` (eval_prompts(seed=2024)).\n"
               f"# Held out of training (write_imagefolder default): {combos}\n"
               "# Every prompt names at least one held-out (colour, shape); 50 per category "

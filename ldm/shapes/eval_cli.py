@@ -2,7 +2,7 @@
 prompt list (configs/eval_prompts.txt; one image each, image i drawn with seed + i).
 
 DIR holds images plus a metadata.jsonl with `file_name` and `text` per line (the imagefolder
-format written by `ldm.data.scenes`). Prints per-category accuracy and overall; --json saves it.
+format written by `ldm.shapes.scenes`). Prints per-category accuracy and overall; --json saves it.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ldm.eval.adherence import evaluate, load_prompts
+from ldm.shapes.adherence import evaluate, load_prompts
 
 PROMPTS = Path(__file__).resolve().parents[2] / "configs" / "eval_prompts.txt"
 

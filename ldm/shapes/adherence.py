@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ldm.eval.detect import Detection, detect
-from ldm.eval.prompts import CATEGORIES, ObjectSpec, PromptSpec, parse
+from ldm.shapes.detect import Detection, detect
+from ldm.shapes.prompts import CATEGORIES, ObjectSpec, PromptSpec, parse
 
 RELATION_MARGIN = 0.1  # minimum centre offset (fraction of the image) along the relation's axis
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import fields, replace
 
-from .config import VARIANCE_TYPES, ScheduleConfig, from_dict
+from ..config import VARIANCE_TYPES, ScheduleConfig, from_dict
 
 # our sampler -> the diffusers scheduler class it reproduces step for step
 SCHEDULER_CLASSES = {

@@ -1,0 +1,114 @@
+"""A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/): its
+config, and its weights read into and written from our module's state dict."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import text
+from ..config import LDMConfig, ScheduleConfig, TextEncoderConfig
+from . import diffusers_keys
+from .diffusers_configs import (text_config_from_diffusers, unet_config_from_diffusers, unet_config_to_diffusers,
+                                vae_config_from_diffusers, vae_config_to_diffusers)
+from .diffusers_scheduler import schedule_from_diffusers, schedule_to_diffusers
+from .files import atomic_write_dir, read_json, read_safetensors, read_state_dict, write_json, write_safetensors
+from .keys import TEXT, UNET, VAE, split
+
+
+def text_from_diffusers(sd: dict, cfg: TextEncoderConfig) -> dict:
+    if cfg.kind == "clip":
+        return text.clip_diffusers_to_ours(sd)
+    if cfg.kind == "openclip":
+        return text.hf_clip_to_openclip(sd, cfg.num_layers, cfg.projection_dim)
+    return {"transformer." + k: v for k, v in sd.items()}
+
+
+def text_to_diffusers(sd: dict, cfg: TextEncoderConfig) -> tuple[dict, dict]:
+    if cfg.bidirectional:  # transformers' CLIPTextModel would load it with the causal mask: other pictures
+        raise ValueError("diffusers' CLIPTextModel can't express a bidirectional text encoder: save as 'ldm'")
+    if cfg.kind == "clip":
+        out, arch = text.clip_ours_to_diffusers(sd), "CLIPTextModel"
+    elif cfg.kind == "openclip":
+        out, arch = text.openclip_to_hf_clip(sd), "CLIPTextModel"
+        out = {"text_model." + k: v for k, v in out.items()}
+    else:
+        out, arch = split(sd, "transformer."), "T5EncoderModel"
+    hf = text.hf_config_of(cfg).to_dict()
+    hf["architectures"] = [arch]
+    return out, hf
+
+
+def _read_folder_weights(folder: Path, allow_pickle: bool) -> dict:
+    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
+        if (folder / name).is_file():
+            return read_safetensors(folder / name)[0]
+    for name in ("diffusion_pytorch_model.bin", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return read_state_dict(folder / name, allow_pickle)[0]
+    raise FileNotFoundError(f"no weights (*.safetensors) in {folder}")
+
+
+def diffusers_config(folder: Path) -> LDMConfig:
+    """The config of a diffusers folder, from its config files alone (no weights are read)."""
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"{folder} is not a diffusers model folder (no model_index.json)")
+    index = read_json(folder / "model_index.json")
+    for part in ("unet", "vae", "text_encoder"):
+        if part not in index:
+            raise ValueError(f"{folder}/model_index.json names no {part}: not a SD 1.x/2.x pipeline")
+    vae_path, unet_path = folder / "vae" / "config.json", folder / "unet" / "config.json"
+    vae_cfg = vae_config_from_diffusers(read_json(vae_path), str(vae_path))
+    unet_cfg, size = unet_config_from_diffusers(read_json(unet_path), vae_cfg.downsample_factor, str(unet_path))
+    text_cfg = text_config_from_diffusers(folder)
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    sched, sampler = (schedule_from_diffusers(read_json(sched_path), str(sched_path)) if sched_path.is_file()
+                      else (ScheduleConfig(), "ddim"))
+    return LDMConfig(unet=unet_cfg, autoencoder=vae_cfg, text_encoder=text_cfg, schedule=sched, sample_size=size,
+                     default_sampler=sampler)
+
+
+def load_diffusers(folder: Path, allow_pickle: bool = False) -> tuple[LDMConfig, dict]:
+    cfg = diffusers_config(folder)
+    sd = {UNET + k: v for k, v in diffusers_keys.unet_from_diffusers(
+        _read_folder_weights(folder / "unet", allow_pickle), cfg.unet).items()}
+    sd.update({VAE + k: v for k, v in diffusers_keys.vae_from_diffusers(
+        _read_folder_weights(folder / "vae", allow_pickle), cfg.autoencoder).items()})
+    sd.update({TEXT + k: v for k, v in text_from_diffusers(
+        _read_folder_weights(folder / "text_encoder", allow_pickle), cfg.text_encoder).items()})
+    return cfg, sd
+
+
+def save_diffusers(sd: dict, cfg: LDMConfig, folder: Path) -> None:
+    import diffusers
+    folder, version = Path(folder), {"_diffusers_version": diffusers.__version__}
+    # every conversion before any write: a model diffusers can't express leaves no half-written folder
+    te_sd, te_config = text_to_diffusers(split(sd, TEXT), cfg.text_encoder)
+    parts = {"unet": (diffusers_keys.unet_to_diffusers(split(sd, UNET), cfg.unet),
+                      {**unet_config_to_diffusers(cfg.unet, cfg.latent_size), **version}),
+             "vae": (diffusers_keys.vae_to_diffusers(split(sd, VAE), cfg.autoencoder),
+                     {**vae_config_to_diffusers(cfg.autoencoder, cfg.sample_size), **version})}
+    scheduler = schedule_to_diffusers(cfg.schedule, cfg.default_sampler)
+    # the save replaces the whole folder: never one that isn't a model (a typo'd home directory)
+    if folder.exists() and not (folder / "model_index.json").is_file() and \
+            not (folder.is_dir() and not any(folder.iterdir())):
+        raise ValueError(f"{folder} exists and is not a diffusers model folder (no model_index.json): not "
+                         f"replacing it; save to a new or empty folder")
+
+    def write(tmp: Path) -> None:
+        for name, (weights, config) in parts.items():
+            write_safetensors(weights, tmp / name / "diffusion_pytorch_model.safetensors")
+            write_json(config, tmp / name / "config.json")
+        write_safetensors(te_sd, tmp / "text_encoder" / "model.safetensors", {"format": "pt"})
+        write_json(te_config, tmp / "text_encoder" / "config.json")
+        write_json({**scheduler, **version}, tmp / "scheduler" / "scheduler_config.json")
+        text.save_hf_tokenizer(tmp / "tokenizer", cfg.text_encoder.pad_with, cfg.text_encoder.max_length)
+        write_json({"_class_name": "StableDiffusionPipeline", **version,
+                     "feature_extractor": [None, None], "safety_checker": [None, None],
+                     "image_encoder": [None, None], "requires_safety_checker": False,
+                     "scheduler": ["diffusers", scheduler["_class_name"]],
+                     "text_encoder": ["transformers", te_config["architectures"][0]],
+                     "tokenizer": ["transformers", "CLIPTokenizer"],
+                     "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]},
+                    tmp / "model_index.json")
+
+    atomic_write_dir(folder, write)
