@@ -133,11 +133,11 @@ def cmd_generate(args) -> int:
     check_generate_args(args)
     paths = output_paths(Path(args.output), args.n)
     check_outputs(paths)
+    regions = [parse_region(r) for r in args.region] if args.region else None if args.no_regions else "auto"
     model = Path(args.model) if args.model else default_model_path()
     pipe = Pipeline.from_pretrained(model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
                                     prediction_type=args.prediction_type, allow_pickle=args.allow_pickle,
                                     config=args.config)
-    regions = [parse_region(r) for r in args.region] if args.region else None if args.no_regions else "auto"
     steps = pipe.config.default_steps if args.steps is None else args.steps
     hash_ = model_hash(model)
     # -n in batches of --batch-size, batch k seeded seed + k: memory stays that of one batch, and

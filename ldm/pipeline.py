@@ -54,9 +54,8 @@ def _as_list(prompt, what: str) -> list[str]:
 class Pipeline:
     def __init__(self, model: LatentDiffusion, device="cpu", dtype: torch.dtype = torch.float32,
                  source: str | None = None):
-        device = check_device(device)
-        self.model = model.to(device=device, dtype=dtype).eval()
-        self.device, self.dtype, self.source = torch.device(device), dtype, source
+        self.device, self.dtype, self.source = check_device(device), dtype, source
+        self.model = model.to(device=self.device, dtype=dtype).eval()
 
     # -- the parts, under the names users know ----------------------------------------------------
     @property

@@ -19,7 +19,6 @@ from .formats.diffusers_scheduler import karras_of, resolve
 
 SAMPLERS = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "dpmpp_2m")
 VP_SAMPLERS = ("ddpm", "ddim", "pndm")      # step on the integer timestep grid; no Karras σ's
-DDPM_VARIANCES = VARIANCE_TYPES
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -65,8 +64,8 @@ def ddpm(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, times
          generator: torch.Generator | None = None, callback=None) -> torch.Tensor:
     """Ancestral sampling (Ho et al. 2020, Alg. 2) over descending `timesteps`, as DDPMScheduler.
     variance: "fixed_small" (β̃_t) | "fixed_large" (β_t); clip: pred_x0 clamped to ±clip."""
-    if variance not in DDPM_VARIANCES:
-        raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(DDPM_VARIANCES)}")
+    if variance not in VARIANCE_TYPES:
+        raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCE_TYPES)}")
     ts = timesteps.tolist()
     for i, t in enumerate(ts):
         prev = ts[i + 1] if i + 1 < len(ts) else -1
