@@ -152,8 +152,8 @@ def cmd_generate(args) -> int:
                           sampler=args.sampler, karras=args.karras,
                           eta=args.eta, num_images_per_prompt=len(batch), regions=regions,
                           callback=lambda d: bar.update(1))
-            for image, path in zip(images, batch):
-                save_image(image, path, png_parameters(image.info, model.name, hash_))
+            for i, (image, path) in enumerate(zip(images, batch)):
+                save_image(image, path, png_parameters(images.request.record(i), model.name, hash_))
                 print(path)
     return 0
 

@@ -1,10 +1,17 @@
-"""Guidance as wrappers with the model function's signature `model_fn(x_t, t) -> output`.
+"""Guidance: how the network's outputs at a step become the one output the sampler sees.
 
-Samplers never see guidance: each idea here turns a network (or a model function) into a new model
-function (k-diffusion `CFGDenoiser`, sgm `Guider`), so wrappers stack.
+Three places, one signature each, so guidance ideas stack as data instead of new parameters:
+- a *branch* `branch(x, t) -> Rows` says which conditional rows a step runs (the prompt's own, or
+  regional prompts' box rows, ldm/regions.py) and how their outputs make one per image;
+- `classifier_free` puts the null rows under the branch's rows in ONE batched UNet call and mixes
+  the two outputs by a *combine* rule `(out_∅, out_y) -> out` (`cfg`, wrapped by `rescaled`);
+- *wrappers* `model_fn -> model_fn` change what the sampler sees (classifier and CLIP guidance:
+  `classifier_guidance`), as k-diffusion's `CFGDenoiser` and sgm's `Guider` stack.
+`only_from(t0, early, late)` is the one "at the noisy steps t ≥ t0 only" gate for any of them.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -12,11 +19,48 @@ import torch
 from .checks import as_float
 from .schedule import sigmas_from_alphas_cumprod, t_to_sigma
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]                # (x_t, t) -> output
+UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]   # (x_t, t, context) -> output
+Combine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]                # (out_∅, out_y) -> output
+
+
+def _same(out: torch.Tensor) -> torch.Tensor:
+    return out
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The conditional rows of one step's batched UNet call, and how their outputs become one
+    output per image (`read`)."""
+    x: torch.Tensor
+    t: torch.Tensor
+    context: torch.Tensor
+    read: Callable[[torch.Tensor], torch.Tensor] = field(default=_same)
+
+
+Branch = Callable[[torch.Tensor, torch.Tensor], Rows]
+
+
+def prompt_rows(context: torch.Tensor) -> Branch:
+    """The plain branch: one row per image, conditioned on its prompt's context (B, L, D)."""
+    return lambda x, t: Rows(x, t, context)
+
+
+def only_from(t0: float, early, late):
+    """early(x, t) at the steps with t ≥ t0, late(x, t) after: for model functions and branches."""
+    return lambda x, t: early(x, t) if float(t.max()) >= t0 else late(x, t)
 
 
 def check_guidance_rescale(guidance_rescale: float) -> float:
     return as_float(guidance_rescale, "guidance_rescale", 0, 1, hint=" (0 = off, 0.7 as in Lin et al. 2023)")
+
+
+def cfg(guidance_scale: float, guidance_rescale: float = 0.0) -> Combine:
+    """Classifier-free guidance's rule (Ho & Salimans 2022): out_∅ + s (out_y − out_∅); with
+    φ = guidance_rescale > 0 `rescaled`, only when guiding (s > 1) as diffusers."""
+    check_guidance_rescale(guidance_rescale)
+    rule = lambda out_uncond, out_cond: out_uncond + guidance_scale * (out_cond - out_uncond)  # noqa: E731
+    return rescaled(rule, guidance_rescale) if guidance_scale > 1 and guidance_rescale > 0 else rule
 
 
 def rescale_cfg(guided: torch.Tensor, out_cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
@@ -27,33 +71,34 @@ def rescale_cfg(guided: torch.Tensor, out_cond: torch.Tensor, guidance_rescale: 
     return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
 
 
-def classifier_free(unet, context: torch.Tensor, uncond_context: torch.Tensor,
-                    guidance_scale: float, guidance_rescale: float = 0.0) -> ModelFn:
-    """Classifier-free guidance (Ho & Salimans 2022): out_∅ + s (out_y − out_∅), one batched call.
-    `unet(x, t, context)`; order [uncond, cond] as CompVis/diffusers. s == 1 skips the uncond half.
-    guidance_rescale φ ∈ [0, 1] then applies `rescale_cfg`, only for s > 1 as diffusers does."""
+def rescaled(combine: Combine, guidance_rescale: float) -> Combine:
+    """`combine`, then `rescale_cfg` by φ ∈ [0, 1]."""
     check_guidance_rescale(guidance_rescale)
-    if context.shape != uncond_context.shape:
-        raise ValueError(f"context {tuple(context.shape)} and uncond_context "
-                         f"{tuple(uncond_context.shape)} must have the same shape")
-    if guidance_scale == 1:
-        return lambda x, t: unet(x, t, context)
-    both_context = torch.cat([uncond_context, context])  # (2B, L, D)
+    return lambda out_uncond, out_cond: rescale_cfg(combine(out_uncond, out_cond), out_cond, guidance_rescale)
+
+
+def classifier_free(unet: UNetFn, prompt: torch.Tensor | Branch, uncond_context: torch.Tensor,
+                    guidance_scale: float, combine: Combine | None = None) -> ModelFn:
+    """The guided model function: ONE batched `unet(x, t, context)` call per step of [null rows (B),
+    the branch's rows], mixed by `combine` (default `cfg(guidance_scale)`). `prompt`: the prompt
+    contexts (B, L, D), or a branch. Order [uncond, cond] as CompVis/diffusers; s == 1 runs the
+    branch's rows alone."""
+    if isinstance(prompt, torch.Tensor):
+        if prompt.shape != uncond_context.shape:
+            raise ValueError(f"context {tuple(prompt.shape)} and uncond_context "
+                             f"{tuple(uncond_context.shape)} must have the same shape")
+        prompt = prompt_rows(prompt)
+    combine = cfg(guidance_scale) if combine is None else combine
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = unet(torch.cat([x, x]), torch.cat([t, t]), both_context)  # (2B, C, h, w)
-        return combine_cfg(*out.chunk(2), guidance_scale, guidance_rescale)
+        rows = prompt(x, t)
+        if guidance_scale == 1:
+            return rows.read(unet(rows.x, rows.t, rows.context))
+        out = unet(torch.cat([x, rows.x]), torch.cat([t, rows.t]), torch.cat([uncond_context, rows.context]))
+        out_uncond, out_rows = out.split([len(x), len(rows.x)])
+        return combine(out_uncond, rows.read(out_rows))
 
     return model_fn
-
-
-def combine_cfg(out_uncond: torch.Tensor, out_cond: torch.Tensor, guidance_scale: float,
-                guidance_rescale: float = 0.0) -> torch.Tensor:
-    """out_∅ + s (out_y − out_∅), then `rescale_cfg` for s > 1 and φ > 0 (as diffusers)."""
-    guided = out_uncond + guidance_scale * (out_cond - out_uncond)
-    if guidance_scale > 1 and guidance_rescale > 0:
-        return rescale_cfg(guided, out_cond, guidance_rescale)
-    return guided
 
 
 def gradient_of(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> ModelFn:

@@ -6,7 +6,7 @@ classifier-free guidance then runs as usual on that composite. Later steps use t
 everywhere, so the parts join into one picture. This is the layout stage of LLM-grounded diffusion
 (Lian et al. 2023), done as MultiDiffusion's masked averaging (Bar-Tal et al. 2023) of the network's
 outputs: one batched forward of at most 2B + R rows (B images, R regions) per step while regions
-apply.
+apply, the null rows added by CFG as for any prompt (ldm/guidance.py).
 
 Why: a small text encoder (and CLIP's, in SD) blurs which colour goes with which shape in
 "a red circle left of a blue square"; a box prompt names one object, so there is nothing to bind.
@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from .guidance import ModelFn, check_guidance_rescale, combine_cfg
+from .guidance import Branch, Rows
 
 
 @dataclass(frozen=True)
@@ -91,31 +90,22 @@ def compose(out_cond: torch.Tensor, out_regions: torch.Tensor, owner: torch.Tens
     return paste(out_cond, out_regions, owner, *paste_weights(owner, masks.to(out_cond), len(out_cond)))
 
 
-def regional_classifier_free(unet, context: torch.Tensor, uncond_context: torch.Tensor,
-                             region_context: torch.Tensor, owner: torch.Tensor, masks: torch.Tensor,
-                             guidance_scale: float, from_t: float, guidance_rescale: float = 0.0,
-                             ) -> Callable[[ModelFn], ModelFn]:
-    """Wraps a plain CFG model function: at t ≥ from_t, CFG on the regional composite (`compose`) in
-    one batched call `unet(x, t, context)` of [uncond (B), cond (B), regions (R)]; later steps
-    (t < from_t) call the plain one. s == 1 skips the uncond rows, and boxes that tile every image
-    (as the planner's halves do) the cond rows, whose output would be masked out everywhere."""
-    check_guidance_rescale(guidance_rescale)
+def regional_rows(context: torch.Tensor, region_context: torch.Tensor, owner: torch.Tensor,
+                  masks: torch.Tensor) -> Branch:
+    """The conditional rows of a regional step: the prompt's rows (B) then one row per region (R),
+    their outputs pasted into the boxes (`compose`); CFG (`classifier_free`) stacks the null rows
+    under them in the same call. Boxes that tile every image (as the planner's halves do) drop the
+    prompt's rows, whose output would be masked out everywhere."""
     b, r = context.shape[0], region_context.shape[0]
     weights, rest = paste_weights(owner, masks.float(), b)       # the boxes don't move: once, not per step
-    whole = not bool(rest.any())  # every image tiled by its boxes: the whole prompt's rows go unused
-    rows = ([] if guidance_scale == 1 else [uncond_context]) + ([] if whole else [context])
-    all_context = torch.cat(rows + [region_context])                       # (≤ 2B + R, L, D)
+    whole = not bool(rest.any())
+    all_context = region_context if whole else torch.cat([context, region_context])   # (≤ B + R, L, D)
 
-    def wrap(plain: ModelFn) -> ModelFn:
-        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if float(t.max()) < from_t:
-                return plain(x, t)
-            out = unet(torch.cat([x] * len(rows) + [x[owner]]), torch.cat([t] * len(rows) + [t[owner]]),
-                       all_context)
-            *parts, out_regions = out.split([b] * len(rows) + [r])
-            out_cond = paste(None if whole else parts.pop(), out_regions, owner, weights.to(out), rest.to(out))
-            if guidance_scale == 1:
-                return out_cond
-            return combine_cfg(parts[0], out_cond, guidance_scale, guidance_rescale)
-        return model_fn
-    return wrap
+    def branch(x: torch.Tensor, t: torch.Tensor) -> Rows:
+        def read(out: torch.Tensor) -> torch.Tensor:
+            out_cond, out_regions = (None, out) if whole else out.split([b, r])
+            return paste(out_cond, out_regions, owner, weights.to(out), rest.to(out))
+        if whole:
+            return Rows(x[owner], t[owner], all_context, read)
+        return Rows(torch.cat([x, x[owner]]), torch.cat([t, t[owner]]), all_context, read)
+    return branch

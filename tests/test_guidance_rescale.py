@@ -9,7 +9,7 @@ from PIL import Image
 
 from ldm import Pipeline
 from ldm.cli import main as cli
-from ldm.guidance import classifier_free
+from ldm.guidance import cfg, classifier_free
 
 B, L, D = 3, 5, 8
 
@@ -38,7 +38,7 @@ def inputs():
 def test_matches_diffusers_rescale_noise_cfg(phi):
     unet, s = FakeUNet(), 7.5
     x, t, context, uncond = inputs()
-    out = classifier_free(unet, context, uncond, s, guidance_rescale=phi)(x, t)
+    out = classifier_free(unet, context, uncond, s, cfg(s, phi))(x, t)
     assert unet.batches == [2 * B]                                  # still one batched forward
     out_u, out_c = unet(x, t, uncond), unet(x, t, context)
     expected = rescale_noise_cfg(out_u + s * (out_c - out_u), out_c, guidance_rescale=phi)
@@ -48,22 +48,22 @@ def test_matches_diffusers_rescale_noise_cfg(phi):
 def test_zero_is_plain_cfg():
     x, t, context, uncond = inputs()
     plain = classifier_free(FakeUNet(), context, uncond, 7.5)(x, t)
-    assert torch.equal(classifier_free(FakeUNet(), context, uncond, 7.5, guidance_rescale=0.0)(x, t), plain)
-    assert not torch.allclose(classifier_free(FakeUNet(), context, uncond, 7.5, 0.7)(x, t), plain, atol=1e-3)
+    assert torch.equal(classifier_free(FakeUNet(), context, uncond, 7.5, cfg(7.5, 0.0))(x, t), plain)
+    assert not torch.allclose(classifier_free(FakeUNet(), context, uncond, 7.5, cfg(7.5, 0.7))(x, t), plain, atol=1e-3)
 
 
 def test_scale_at_most_one_is_not_rescaled():
     """As diffusers: rescale only with guidance (s > 1)."""
     x, t, context, uncond = inputs()
     for s in (0.5, 1.0):
-        assert torch.equal(classifier_free(FakeUNet(), context, uncond, s, 1.0)(x, t),
+        assert torch.equal(classifier_free(FakeUNet(), context, uncond, s, cfg(s, 1.0))(x, t),
                            classifier_free(FakeUNet(), context, uncond, s)(x, t))
 
 
 def test_full_rescale_restores_the_conditional_std():
     unet = FakeUNet()
     x, t, context, uncond = inputs()
-    out = classifier_free(unet, context, uncond, 7.5, guidance_rescale=1.0)(x, t)
+    out = classifier_free(unet, context, uncond, 7.5, cfg(7.5, 1.0))(x, t)
     out_c = unet(x, t, context)
     plain = classifier_free(unet, context, uncond, 7.5)(x, t)
     std = lambda a: a.flatten(1).std(1)  # noqa: E731  per sample (B,)
@@ -75,7 +75,7 @@ def test_full_rescale_restores_the_conditional_std():
 def test_out_of_range_is_refused(phi):
     _, _, context, uncond = inputs()
     with pytest.raises(ValueError, match=r"guidance_rescale must be a finite number in \[0, 1\]"):
-        classifier_free(FakeUNet(), context, uncond, 7.5, guidance_rescale=phi)
+        classifier_free(FakeUNet(), context, uncond, 7.5, cfg(7.5, phi))
 
 
 def test_pipeline_refuses_out_of_range_before_work(saved):

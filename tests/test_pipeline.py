@@ -180,3 +180,33 @@ def test_numpy_numbers_and_zero_seed_are_valid(saved):
 def test_prompt_type_error(saved):
     with pytest.raises(TypeError, match="string or a list of strings"):
         saved["sd1"]["pipe"](123)
+
+
+def test_guidance_wrappers_apply_after_cfg_in_order(saved):
+    """A new guidance is a function model_fn -> model_fn in `guidance=`, not a new parameter."""
+    pipe = saved["sd1"]["pipe"]
+    seen = []
+
+    def tag(name, factor):
+        def wrap(model_fn):
+            def wrapped(x, t):
+                seen.append(name)
+                return model_fn(x, t) * factor
+            return wrapped
+        return wrap
+    kw = dict(steps=2, seed=4, output_type="latent", sampler="ddim")
+    plain = pipe("a", **kw)
+    same = pipe("a", guidance=[tag("a", 2.0), tag("b", 0.5)], **kw)    # ×2 then ×½: the same output
+    assert seen == ["b", "a"] * 2                      # the last wrapper is the outermost, once per step
+    assert torch.allclose(same, plain, atol=1e-6)
+    assert not torch.allclose(pipe("a", guidance=[tag("c", 0.5)], **kw), plain, atol=1e-3)
+    with pytest.raises(TypeError, match="model_fn -> model_fn"):
+        pipe("a", guidance=["rescale"], **kw)
+
+
+def test_images_carry_the_checked_settings(saved):
+    pipe = saved["sd1"]["pipe"]
+    images = pipe(["p", "q"], steps=2, guidance_scale=3.0, seed=9, sampler="dpmpp_2m", karras=True)
+    req = images.request
+    assert (req.steps, req.guidance_scale, req.seed, req.sampler_name) == (2, 3.0, 9, "dpmpp_2m_karras")
+    assert req.record(1) == images[1].info and req.record(1)["prompt"] == "q"

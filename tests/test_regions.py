@@ -15,9 +15,9 @@ from ldm.config import LDMConfig
 from ldm.settings import set_settings
 from ldm.shapes.scenes import caption, random_scene
 from ldm.shapes.prompts import parse
-from ldm.guidance import classifier_free
+from ldm.guidance import classifier_free, only_from, prompt_rows
 from ldm.shapes.layout import HALVES, plan_scene
-from ldm.regions import Region, box_mask, compose, regional_classifier_free
+from ldm.regions import Region, box_mask, compose, regional_rows
 from tiny_models import random_model, tiny_sd1
 
 
@@ -74,7 +74,8 @@ def test_regional_cfg_is_one_batched_call_that_guides_each_box_by_its_prompt():
                          box_mask(HALVES["top"], 4, 4)])
     unet = CountingUNet()
     plain = classifier_free(unet, context, uncond, s)
-    model_fn = regional_classifier_free(unet, context, uncond, region_context, owner, masks, s, from_t=600)(plain)
+    regional = only_from(600, regional_rows(context, region_context, owner, masks), prompt_rows(context))
+    model_fn = classifier_free(unet, regional, uncond, s)
     x = torch.randn(b, 4, 4, 4)
 
     late = model_fn(x, torch.tensor([300, 300]))                               # below from_t: plain CFG
@@ -98,14 +99,13 @@ def test_boxes_that_tile_every_image_leave_out_the_whole_prompts_rows():
     halves = [HALVES["left"], HALVES["right"], HALVES["top"], HALVES["bottom"]]
     masks = torch.stack([box_mask(h, 4, 4) for h in halves])
     unet = CountingUNet()
-    plain = classifier_free(unet, context, uncond, 3.0)
-    tiled = regional_classifier_free(unet, context, uncond, region_context, owner, masks, 3.0, from_t=0)(plain)
+    tiled = classifier_free(unet, regional_rows(context, region_context, owner, masks), uncond, 3.0)
     x, t = torch.randn(2, 4, 4, 4), torch.tensor([900, 900])
     unet.batches.clear()
     out = tiled(x, t)
     assert unet.batches == [2 + 4]                                             # B uncond + R regions
     other = torch.randn(2, 3, 8)                                               # the prompt is unused
-    same = regional_classifier_free(unet, other, uncond, region_context, owner, masks, 3.0, from_t=0)(plain)(x, t)
+    same = classifier_free(unet, regional_rows(other, region_context, owner, masks), uncond, 3.0)(x, t)
     assert torch.equal(out, same)
     u = x[1] * 0.9 + uncond[1].mean()
     assert torch.allclose(out[1, :, 2:], (u + 3 * (x[1] * 0.9 + region_context[3].mean() - u))[:, 2:], atol=1e-6)
@@ -114,10 +114,9 @@ def test_boxes_that_tile_every_image_leave_out_the_whole_prompts_rows():
 def test_without_guidance_the_regional_call_has_no_uncond_rows():
     context, region_context = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
     unet = CountingUNet()
-    wrap = regional_classifier_free(unet, context, context, region_context, torch.tensor([0]),
-                                    box_mask((0, 0, 1, 1), 4, 4)[None], 1.0, from_t=0)
+    rows = regional_rows(context, region_context, torch.tensor([0]), box_mask((0, 0, 1, 1), 4, 4)[None])
     x = torch.randn(1, 4, 4, 4)
-    out = wrap(classifier_free(unet, context, context, 1.0))(x, torch.tensor([500]))
+    out = classifier_free(unet, rows, context, 1.0)(x, torch.tensor([500]))
     assert unet.batches == [1] and torch.allclose(out, x * 0.5 + region_context.mean(), atol=1e-6)
 
 

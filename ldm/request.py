@@ -1,0 +1,172 @@
+"""One call's arguments, checked and resolved before any work: `check_request` turns what the user
+passed to `Pipeline.__call__` into a `Request` (defaults filled from the model's config, prompts
+repeated per image, regions planned), and `Request.record(i)` is image i's record of the settings,
+the one source of the PNG parameters the CLI writes."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from .checks import as_float, as_int, as_size, available_memory
+from .guidance import check_guidance_rescale
+from .planners import planner
+from .regions import Region, as_regions
+from .samplers import SAMPLERS, check_options
+from .formats.diffusers_scheduler import karras_of, resolve
+
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+@dataclass(frozen=True)
+class Request:
+    prompts: list[str]                 # one per image (each prompt repeated num_images_per_prompt times)
+    negatives: list[str]               # the null condition of each image ("" unless given)
+    regions: list[list[Region]]        # each image's boxes (empty: none)
+    steps: int
+    guidance_scale: float
+    guidance_rescale: float
+    sampler: str                       # as asked ("dpmpp_2m"); `sampler_name` adds what karras makes it
+    karras: bool | None
+    sampler_name: str                  # what ran, e.g. "dpmpp_2m_karras"
+    eta: float
+    height: int
+    width: int
+    seed: int | None                   # None when the caller passed a generator
+    regions_from_t: float
+    guidance: tuple                    # extra model_fn -> model_fn wrappers, applied last
+    output_type: str
+    latent_shape: tuple[int, int, int, int]
+
+    def record(self, i: int) -> dict:
+        """Image i's settings, as the PNG parameters name them."""
+        return dict(prompt=self.prompts[i], negative_prompt=self.negatives[i], steps=self.steps,
+                    guidance_scale=self.guidance_scale, guidance_rescale=self.guidance_rescale,
+                    sampler=self.sampler_name, seed=self.seed, height=self.height, width=self.width,
+                    batch_index=i, regions=[[r.prompt, list(r.box)] for r in self.regions[i]])
+
+
+class Images(list):
+    """The generated PIL images, with `.request`: the checked settings that drew them."""
+
+    def __init__(self, images, request: Request):
+        super().__init__(images)
+        self.request = request
+        for i, image in enumerate(self):
+            image.info.update(request.record(i))       # PIL's own place for text metadata
+
+
+def as_prompts(prompt, what: str) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"{what} must be a string or a list of strings, got {type(prompt).__name__}")
+    if not prompts:
+        raise ValueError(f"{what} is an empty list: give at least one prompt")
+    return list(prompts)
+
+
+def check_request(pipe, prompt, negative_prompt, steps, guidance_scale, height, width, seed, generator,
+                  sampler, eta, karras, num_images_per_prompt, output_type, guidance_rescale, regions,
+                  regions_from_t, guidance) -> Request:
+    """Every argument of Pipeline.__call__ checked once, in order, with a message that says what to
+    do; None takes the model's default. Nothing here touches a network."""
+    cfg = pipe.config
+    prompts = as_prompts(prompt, "prompt")
+    negatives = _negatives(negative_prompt, len(prompts))
+    T = cfg.schedule.num_train_timesteps
+    steps = as_int(cfg.default_steps if steps is None else steps, "steps", 1, T,
+                   hint=" (at most the training timesteps)")
+    guidance_scale = as_float(cfg.default_guidance_scale if guidance_scale is None else guidance_scale,
+                              "guidance_scale", 0, hint=" (1 = no guidance)")
+    f = cfg.autoencoder.downsample_factor
+    height = as_size(cfg.sample_size if height is None else height, "height", f)
+    width = as_size(cfg.sample_size if width is None else width, "width", f)
+    sampler = cfg.default_sampler if sampler is None else sampler
+    if sampler not in SAMPLERS:
+        whose = " (the model's default scheduler)" if sampler == cfg.default_sampler else ""
+        raise ValueError(f"unknown sampler {sampler!r}{whose}; choose one of {', '.join(SAMPLERS)}")
+    check_options(sampler, eta, karras)
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+    n = as_int(num_images_per_prompt, "num_images_per_prompt", 1)
+    if seed is not None:
+        seed = as_int(seed, "seed", 0, 2 ** 64 - 1)
+    elif generator is None:
+        seed = random.randrange(2 ** 32)
+    check_memory(pipe, len(prompts) * n, height, width)
+    guidance_rescale = check_guidance_rescale(guidance_rescale)
+    per_prompt = _regions(cfg, prompts, regions)
+    regions_from_t = _regions_from_t(cfg, regions_from_t)
+    if not isinstance(guidance, (list, tuple)) or not all(callable(g) for g in guidance):
+        raise TypeError("guidance must be a list of functions model_fn -> model_fn (see ldm/guidance.py), "
+                        f"got {guidance!r}")
+    repeat = lambda items: [item for item in items for _ in range(n)]   # noqa: E731
+    return Request(repeat(prompts), repeat(negatives), repeat(per_prompt), steps, guidance_scale,
+                   guidance_rescale, sampler, karras, _effective_name(sampler, cfg.schedule, karras),
+                   float(eta), height, width, seed, regions_from_t, tuple(guidance), output_type,
+                   (len(prompts) * n, cfg.unet.in_channels, height // f, width // f))
+
+
+def _negatives(negative_prompt, n: int) -> list[str]:
+    negatives = [""] * n if negative_prompt is None else as_prompts(negative_prompt, "negative_prompt")
+    if len(negatives) == 1 and n > 1:
+        negatives = negatives * n
+    if len(negatives) != n:
+        raise ValueError(f"{n} prompts but {len(negatives)} negative prompts: give one "
+                         f"negative prompt, or one per prompt")
+    return negatives
+
+
+def _regions(cfg, prompts: list[str], regions) -> list[list[Region]]:
+    """The regions of each prompt (empty lists when off)."""
+    if regions is None:
+        return [[] for _ in prompts]
+    if isinstance(regions, str):
+        if regions != "auto":
+            raise ValueError(f"regions must be 'auto', None, or a list of (prompt, box) regions, got {regions!r}")
+        if cfg.layout_planner is None:
+            return [[] for _ in prompts]
+        plan = planner(cfg.layout_planner)
+        return [plan(p) for p in prompts]
+    if not isinstance(regions, (list, tuple)):
+        raise TypeError(f"regions must be 'auto', None, or a list of Region / (prompt, box) pairs "
+                        f"(or one such list per prompt), got {type(regions).__name__}")
+    if all(isinstance(r, Region) or isinstance(r, (list, tuple)) and r and isinstance(r[0], str)
+           for r in regions):
+        return [as_regions(regions) for _ in prompts]      # one list for every prompt
+    if len(regions) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(regions)} region lists: give one list "
+                         f"of regions for every prompt, or one list per prompt")
+    return [as_regions(r) for r in regions]
+
+
+def _regions_from_t(cfg, from_t) -> float:
+    from_t = cfg.regions_from_t if from_t is None else from_t
+    last = cfg.schedule.num_train_timesteps
+    if isinstance(from_t, bool) or not isinstance(from_t, (int, float)) or not 0 <= from_t <= last:
+        raise ValueError(f"regions_from_t must be a number in [0, {last}] (regions guide the steps "
+                         f"at t ≥ it; 0 = every step), got {from_t!r}")
+    return from_t
+
+
+def check_memory(pipe, batch: int, height: int, width: int) -> None:
+    """Refuse a request whose activations can't fit, before any work, instead of dying in the
+    allocator. Counts only what surely is held at once: the UNet's skip activations for the
+    2×batch CFG rows at the latent size, and the decoder's two widest full-size feature maps."""
+    cfg, f = pipe.config, pipe.config.autoencoder.downsample_factor
+    h, w, size = height // f, width // f, torch.finfo(pipe.dtype).bits // 8
+    unet = cfg.unet.model_channels * sum(m * (cfg.unet.num_res_blocks + 1) / 4 ** i
+                                         for i, m in enumerate(cfg.unet.channel_mult))
+    decoder = 2 * cfg.autoencoder.ch * cfg.autoencoder.ch_mult[0] * height * width
+    need = size * (2 * batch * unet * h * w + batch * decoder)
+    have = available_memory(pipe.device)
+    if need > have:
+        side = int((have / need) ** 0.5 * min(height, width)) // f * f
+        raise ValueError(f"{batch} image(s) of {width}×{height} need at least {need / 2 ** 30:.1f} GiB, "
+                         f"and {pipe.device.type} has {have / 2 ** 30:.1f} GiB available; use fewer "
+                         f"images at once or a smaller size (about {side}×{side} fits at this count)")
+
+
+def _effective_name(sampler, schedule, karras):  # TEMP until samplers.effective_name lands
+    return sampler + ("_karras" if karras_of(resolve(schedule, sampler), sampler, karras) else "")
