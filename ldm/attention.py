@@ -7,32 +7,16 @@ from torch import nn
 from .layers import normalize, zero_module
 
 
-def _split_heads(q, k, v, heads: int):
-    B, _, C = q.shape
-    return (x.view(B, -1, heads, C // heads).transpose(1, 2) for x in (q, k, v))  # (B, nh, L, hd)
-
-
-def _merge_heads(out):
-    B, nh, Lq, hd = out.shape
-    return out.transpose(1, 2).reshape(B, Lq, nh * hd)                            # (B, Lq, nh*hd)
-
-
 def attention(q, k, v, heads: int):
     """(B, Lq, nh*hd), (B, Lk, nh*hd) x2 -> (B, Lq, nh*hd). The one place attention runs."""
-    return _merge_heads(F.scaled_dot_product_attention(*_split_heads(q, k, v, heads)))
-
-
-def attention_with_probs(q, k, v, heads: int):
-    """`attention`, spelt out, also returning the probabilities averaged over heads: (B, Lq, Lk)."""
-    q, k, v = _split_heads(q, k, v, heads)
-    probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)     # (B, nh, Lq, Lk)
-    return _merge_heads(probs @ v), probs.mean(dim=1)
+    B, Lq, C = q.shape
+    q, k, v = (x.view(B, -1, heads, C // heads).transpose(1, 2) for x in (q, k, v))  # (B, nh, L, hd)
+    out = F.scaled_dot_product_attention(q, k, v)                                   # (B, nh, Lq, hd)
+    return out.transpose(1, 2).reshape(B, Lq, C)
 
 
 class CrossAttention(nn.Module):
-    """Queries from x; keys and values from `context` (self-attention when context is None).
-    With `record` a list, each call appends its head-averaged probabilities (ldm.grounding)."""
-    record: list | None = None
+    """Queries from x; keys and values from `context` (self-attention when context is None)."""
 
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int):
         super().__init__()
@@ -46,12 +30,7 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, context=None):
         context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        if self.record is None:
-            return self.to_out(attention(q, k, v, self.heads))
-        out, probs = attention_with_probs(q, k, v, self.heads)
-        self.record.append(probs)
-        return self.to_out(out)
+        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
 
 
 class GEGLU(nn.Module):

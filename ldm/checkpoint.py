@@ -87,8 +87,6 @@ def save(sd: dict, cfg: LDMConfig, path: str | Path, fmt: str = "ldm",
         raise ValueError(f"{path}: single-file checkpoints are written as .safetensors")
     if fmt == "original" and cfg.autoencoder.pixel_scale != 1:
         raise ValueError("the original layout can't express autoencoder.pixel_scale: save as 'ldm'")
-    if fmt == "original" and cfg.text_encoder.bidirectional:
-        raise ValueError("the original layout can't express a bidirectional text encoder: save as 'ldm'")
     meta = {"format": "pt"}
     if fmt == "ldm":
         meta["ldm_config"] = cfg.to_json()

@@ -131,8 +131,6 @@ class TextEncoderConfig:
     projection_dim: int = 768        # CLIP text_projection width (unused by SD, kept for round trips)
     d_kv: int = 64                   # t5 only: per-head width
     trainable: bool = False          # trained jointly with the UNet (LDM's τθ)
-    bidirectional: bool = False      # clip only: drop CLIP's causal mask, so every token sees the whole
-                                     # prompt (LDM's BERT-style τθ); t5 is always bidirectional
 
     def __post_init__(self):
         require(self, "kind", lambda v: v in ("clip", "openclip", "t5"), "one of clip, openclip, t5")
@@ -185,10 +183,6 @@ class ScheduleConfig:
         require(self, "clip_sample_range", lambda v: 0 < v < float("inf"), "a finite number > 0")
 
 
-# Fields of experiments removed from ldm, accepted in old files only at the value that turned them off.
-RETIRED = {"matcher": None, "default_matcher_scale": 0.0}
-
-
 @dataclass(frozen=True)
 class LDMConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -223,11 +217,6 @@ class LDMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LDMConfig":
-        d = dict(d)
-        for key, off in RETIRED.items():  # files written before an experiment was removed
-            if key in d and d.pop(key) != off:
-                raise ValueError(f"this model uses {key}, an experiment removed from ldm (a noised image-text "
-                                 f"matcher, docs/default_model.md): load it with ldm before that removal")
         return from_dict(cls, d)
 
     @classmethod
@@ -237,6 +226,28 @@ class LDMConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Strict (de)serialisation
+
+# Fields of experiments removed from ldm, by config class: (the value that turned it off, what it was
+# and the last ldm that had it). Old files and overrides may still set the off value, which is
+# dropped; any other value is refused.
+_MATCHER = "a noised image-text matcher (docs/default_model.md)", "ldm 0.1.0 at commit 3417574"
+RETIRED: dict[type, dict[str, tuple]] = {
+    LDMConfig: {"matcher": (None, *_MATCHER), "default_matcher_scale": (0.0, *_MATCHER)},
+    TextEncoderConfig: {"bidirectional": (False, "a bidirectional CLIP text encoder (no causal mask)",
+                                          "ldm 0.1.0 at commit b2dd828")},
+}
+
+
+def _retired(cls, name: str, value, full_name: str) -> bool:
+    """Whether `name` is a retired field of `cls` set to its off value (to be dropped); a ValueError
+    naming the experiment if it is set to anything else."""
+    if name not in RETIRED.get(cls, {}):
+        return False
+    off, what, last = RETIRED[cls][name]
+    if value != off:
+        raise ValueError(f"{full_name}={value!r} turns on {what}, an experiment since removed from ldm "
+                         f"({last} has it); only {full_name}={off!r} (off) is still accepted")
+    return True
 
 
 def _coerce(tp, value, where: str):
@@ -265,6 +276,7 @@ def _coerce(tp, value, where: str):
 
 def from_dict(cls, d: dict, where: str = ""):
     """Build dataclass `cls` from a dict; unknown keys raise ValueError naming them."""
+    d = {k: v for k, v in d.items() if not _retired(cls, k, v, where + k)}
     hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - names)
@@ -298,6 +310,8 @@ def apply_overrides(cfg, overrides: list[str]):
 def _set_path(obj, path: list[str], value, full: str):
     hints = typing.get_type_hints(type(obj))
     if path[0] not in hints:
+        if len(path) == 1 and _retired(type(obj), path[0], value, full):
+            return obj
         raise ValueError(f"unknown config key {full!r}; valid here: {', '.join(sorted(hints))}")
     if len(path) == 1:
         return replace(obj, **{path[0]: _coerce(hints[path[0]], value, full)})

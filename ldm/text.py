@@ -171,7 +171,7 @@ class CLIPTextEncoder(_TextEncoder):
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        self.layer, self.bidirectional = cfg.layer, cfg.bidirectional
+        self.layer = cfg.layer
         self.tokenizer = Tokenizer(cfg.max_length, cfg.pad_with)
         self.transformer = CLIPTextModel(hf_config_of(cfg))
 
@@ -180,11 +180,6 @@ class CLIPTextEncoder(_TextEncoder):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         t = self.transformer
-        if self.bidirectional:  # CLIPTextModel.forward always builds the causal mask: run its layers without
-            h = t.embeddings(input_ids=tokens)
-            for block in t.encoder.layers[:None if self.layer == "last" else -1]:
-                h = block(h, None, is_causal=False)
-            return t.final_layer_norm(h)
         if self.layer == "last":
             return t(input_ids=tokens).last_hidden_state  # (B, L, D), after final LN
         out = t(input_ids=tokens, output_hidden_states=True)
@@ -269,9 +264,6 @@ def build_text_encoder(cfg: TextEncoderConfig, tokenizer_dir: str | Path | None 
         raise ValueError(f"layer must be 'last' or 'penultimate' ('last' for t5), got {cfg.layer!r}")
     if cfg.kind == "t5":
         return T5TextEncoder(cfg, tokenizer_dir)
-    if cfg.bidirectional and cfg.kind != "clip":
-        raise ValueError(f"bidirectional is for kind 'clip' (OpenCLIP's tower keeps its causal mask); "
-                         f"set bidirectional: false for kind {cfg.kind!r}")
     if tokenizer_dir is not None:
         raise ValueError(f"kind {cfg.kind!r} has a built-in tokenizer; tokenizer_dir is for kind 't5' only")
     if cfg.kind == "clip":

@@ -1,15 +1,14 @@
 """The package's shape, as README's Layout states it: the SD core imports neither the default model's
-shape world (ldm/shapes) nor the experiments, and no module imports itself back through others.
-Every import counts, the lazy ones inside functions too: a lazy import hides a circle, it doesn't
-remove it."""
+shape world (ldm/shapes) nor the training package (ldm/training), the training package does not
+know the command line, and no module imports itself back through others. Every import counts, the
+lazy ones inside functions too: a lazy import hides a circle, it doesn't remove it."""
 import ast
 from pathlib import Path
 
 import ldm
 
 ROOT = Path(ldm.__file__).parent
-# Tried and not shipped, still in the tree: they may use the shape world; the core must not use them.
-EXPERIMENTS = {"ldm.grounding", "ldm.data.grounding"}
+PERIPHERY = ("ldm.shapes", "ldm.training")  # above the core: they use it, it never uses them
 TOP = {"ldm.cli"}   # the command line may offer the shape world's `ldm eval`
 
 
@@ -40,12 +39,22 @@ def imports_of(path: Path) -> set[str]:
 GRAPH = {module_name(p): imports_of(p) for p in ROOT.rglob("*.py")}
 
 
-def test_the_core_imports_neither_the_shape_world_nor_experiments():
-    core = {m for m in GRAPH if not m.startswith("ldm.shapes") and m not in EXPERIMENTS | TOP}
-    assert "ldm.pipeline" in core and "ldm.samplers" in core
-    bad = {m: sorted(i for i in GRAPH[m] if i.startswith("ldm.shapes") or i in EXPERIMENTS)
-           for m in sorted(core)}
+def in_periphery(module: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in PERIPHERY)
+
+
+def test_the_core_imports_neither_the_shape_world_nor_training():
+    core = {m for m in GRAPH if not in_periphery(m) and m not in TOP}
+    assert {"ldm.pipeline", "ldm.samplers", "ldm.checkpoint"} <= core
+    assert {"ldm.shapes.scenes", "ldm.training.run"} <= set(GRAPH) - core
+    bad = {m: sorted(i for i in GRAPH[m] if in_periphery(i)) for m in sorted(core)}
     assert {m: b for m, b in bad.items() if b} == {}
+
+
+def test_training_does_not_know_the_command_line():
+    training = [m for m in GRAPH if m.startswith("ldm.training")]
+    assert len(training) >= 5
+    assert {m: sorted(GRAPH[m] & TOP) for m in training if GRAPH[m] & TOP} == {}
 
 
 def test_no_import_circles():

@@ -15,7 +15,6 @@ from ldm.formats.diffusers_scheduler import schedule_from_diffusers, schedule_to
 from ldm.formats.original import infer_config, to_original
 from ldm.cli import main as cli
 from ldm.config import sd15, sd21
-from tiny_models import random_model, tiny_sd1
 
 DATA = Path(__file__).parent / "data"
 
@@ -210,22 +209,3 @@ def test_zero_terminal_snr_survives_diffusers_scheduler_configs():
     assert (read.prediction_type, read.timestep_spacing, read.rescale_betas_zero_snr) == (
         "v_prediction", "trailing", True)
     assert not schedule_from_diffusers({})[0].rescale_betas_zero_snr
-
-
-def test_bidirectional_text_encoder_lives_in_ldm_files_only(tmp_path):
-    base = tiny_sd1()
-    cfg = replace(base, text_encoder=replace(base.text_encoder, bidirectional=True))
-    pipe = Pipeline(random_model(cfg))
-    pipe.save_pretrained(tmp_path / "m.safetensors")
-    back = Pipeline.from_pretrained(tmp_path / "m.safetensors")
-    assert back.config.text_encoder.bidirectional
-    prompts = ["a red circle left of a blue square"]
-    with torch.no_grad():
-        assert torch.equal(back.model.cond_stage_model.encode(prompts), pipe.model.cond_stage_model.encode(prompts))
-        causal = Pipeline(random_model(base))
-        assert not torch.allclose(causal.model.cond_stage_model.encode(prompts),
-                                  pipe.model.cond_stage_model.encode(prompts))
-    for fmt, path in (("original", tmp_path / "o.safetensors"), ("diffusers", tmp_path / "d")):
-        with pytest.raises(ValueError, match="bidirectional text encoder: save as 'ldm'"):
-            pipe.save_pretrained(path, fmt)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]

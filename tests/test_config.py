@@ -1,5 +1,6 @@
 """Configs: strict loading (typos fail), overrides typed against the dataclass, values validated
 when built, presets."""
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 from ldm.formats.files import read_safetensors
 from ldm.cli import main as cli
 from ldm.config import LDMConfig, apply_overrides, from_dict, load_yaml, save_yaml, sd15, sd21, tiny
-from ldm.train_config import TrainConfig
+from ldm.training.config import TrainConfig
 from tiny_models import FAMILIES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,6 +39,27 @@ def test_unknown_nested_key_names_its_path():
     d["unet"]["heads"] = 3
     with pytest.raises(ValueError, match=r"unet\.heads"):
         from_dict(LDMConfig, d)
+
+
+def test_removed_experiments_load_switched_off_and_are_refused_on(tmp_path):
+    # the shipped model predates the removals: its config names the matcher and bidirectional, both off
+    _, meta = read_safetensors(REPO / "weights" / "ldm-default.safetensors")
+    assert '"bidirectional": false' in meta["ldm_config"] and '"matcher": null' in meta["ldm_config"]
+    assert LDMConfig.from_json(meta["ldm_config"]).text_encoder.kind == "clip"
+    d = tiny().to_dict()
+    d["text_encoder"]["bidirectional"] = False
+    (tmp_path / "c.yaml").write_text(json.dumps(d))  # JSON is YAML
+    assert LDMConfig.from_dict(d) == load_yaml(LDMConfig, tmp_path / "c.yaml") == tiny()
+    assert apply_overrides(tiny(), ["text_encoder.bidirectional=false"]) == tiny()
+    d["text_encoder"]["bidirectional"] = True
+    message = (r"text_encoder.bidirectional=True turns on a bidirectional CLIP text encoder .*an experiment since "
+               r"removed from ldm \(ldm 0.1.0 at commit b2dd828 has it\); only text_encoder.bidirectional=False")
+    with pytest.raises(ValueError, match=message):
+        LDMConfig.from_dict(d)
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(tiny(), ["text_encoder.bidirectional=true"])
+    with pytest.raises(ValueError, match=r"matcher=\{.*noised image-text matcher.*commit 3417574 has it"):
+        LDMConfig.from_dict({**tiny().to_dict(), "matcher": {"width": 64}})
 
 
 @pytest.mark.parametrize("make", [sd15, sd21, tiny])

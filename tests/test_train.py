@@ -1,13 +1,15 @@
 """train_ldm.py / train_vae.py end to end on tiny models and a 32 px Pillow-drawn dataset: overfitting,
 fine-tuning from an init file, export -> Pipeline, 2 processes, SIGKILL + resume, VAE PSNR, bad input.
-Single-process runs call the scripts' main() in-process (no import cost); kills and multi-process
-runs use subprocesses."""
+Single-process runs call the scripts' main() in-process (no import cost) and replace the test hooks
+(ldm.training.hooks) with monkeypatch; kills and multi-process runs use subprocesses, which run a
+small script that installs the hooks and then the training script (`hooked`)."""
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -22,7 +24,10 @@ from ldm import checkpoint
 from ldm.config import tiny
 from ldm.diffusion import LatentDiffusion
 from ldm.pipeline import Pipeline
-from ldm.train_state import list_checkpoints, load_autoencoder, run_cli, state_hash
+from ldm.training import hooks
+from ldm.training.run import run_cli
+from ldm.training.state import list_checkpoints, state_hash
+from ldm.training.vae_export import load_autoencoder
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -61,6 +66,28 @@ def run_in_process(script, argv, monkeypatch):
     script.main(argv)
 
 
+def hooked(tmp_path, script: str, hook_source: str) -> Path:
+    """A script that runs `hook_source` (which replaces functions of ldm.training.hooks) and then the
+    training script `script` as its command line would: a subprocess's way to the hooks."""
+    wrapper = tmp_path / f"hooked_{script}"
+    wrapper.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\nfrom ldm.training import hooks\n"
+                       f"{textwrap.dedent(hook_source)}\nimport {Path(script).stem} as script\n"
+                       f"from ldm.training.run import run_cli\nrun_cli(script.main)\n")
+    return wrapper
+
+
+def hash_files_hook(folder) -> str:
+    """hook_source for `hooked`: each process writes `{tag}-rank{i}.txt` holding the weights' state_hash."""
+    return f"""
+        from pathlib import Path
+        from ldm.training.state import state_hash
+        def weights(tag, sd, rank):
+            Path({str(folder)!r}).mkdir(parents=True, exist_ok=True)
+            (Path({str(folder)!r}) / f"{{tag}}-rank{{rank}}.txt").write_text(state_hash(sd))
+        hooks.weights = weights
+    """
+
+
 def losses(out) -> dict[int, float]:
     log = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in log if "loss" in r}
@@ -84,12 +111,14 @@ def test_finetune_starts_from_init_and_export_generates(data, tmp_path, monkeypa
         init_model.unet.out[2].weight.normal_(0, 0.01)  # a non-trivial UNet, not the zero-initialised one
     init = tmp_path / "init.safetensors"
     checkpoint.save(init_model.state_dict(), tiny(), init)
-    monkeypatch.setenv("LDM_TEST_HASH_DIR", str(tmp_path / "hashes"))
+    seen = []
+    monkeypatch.setattr(hooks, "weights", lambda tag, sd, rank: seen.append((tag, rank, state_hash(sd))))
     run_in_process(train_ldm, base_args(data, tmp_path / "run", max_steps=3, use_ema=True, ema_decay=0.5)
                    + ["--init", str(init)], monkeypatch)
-    start = (tmp_path / "hashes" / "start-rank0.txt").read_text()
+    (_, _, start), (_, _, end) = seen
+    assert [call[:2] for call in seen] == [("start", 0), ("end", 0)]
     assert start == state_hash(checkpoint.load(init)[1]), "the first step must start from the init file's weights"
-    assert (tmp_path / "hashes" / "end-rank0.txt").read_text() != start
+    assert end != start
 
     export = tmp_path / "run" / "model.safetensors"
     pipe = Pipeline.from_pretrained(export)
@@ -164,7 +193,7 @@ def truncated_dataset(root):
     (train_ldm, "undecodable", "none of the 2 images in {tmp}/broken can be decoded: img0.png, img1.png"),
 ])
 def test_bad_input_exits_2_with_one_line_before_any_work(data, tmp_path, monkeypatch, capsys, script, case, message):
-    """As run from the shell (ts.run_cli): exit code 2, one `error:` line naming the problem, no
+    """As run from the shell (run_cli): exit code 2, one `error:` line naming the problem, no
     traceback, nothing written."""
     argv = base_args(data, tmp_path / "run", "configs/train_tiny.yaml" if script is train_ldm
                      else "configs/train_vae_tiny.yaml", max_steps=2)
@@ -191,15 +220,15 @@ def test_bad_input_exits_2_with_one_line_before_any_work(data, tmp_path, monkeyp
 def test_two_processes_hold_identical_weights(data, tmp_path, script):
     # `accelerate launch --cpu` always starts one process; torchrun-style CPU processes (gloo) need
     # --multi_gpu with ACCELERATE_USE_CPU=1
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "LDM_TEST_HASH_DIR": str(tmp_path / "hashes"),
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     args = base_args(data, tmp_path / "run", max_steps=4, checkpoint_every=2)
     if script == "train_vae.py":  # with the discriminator on from step 2 and a held-out PSNR
         args = base_args(data, tmp_path / "run", "configs/train_vae_tiny.yaml", max_steps=4, checkpoint_every=2,
                          disc_start=2, **{"data.holdout": 2})
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(29500 + os.getpid() % 1000), script, *args]
+           "--main_process_port", str(29500 + os.getpid() % 1000),
+           hooked(tmp_path, script, hash_files_hook(tmp_path / "hashes")), *args]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     hashes = {p.name: p.read_text() for p in (tmp_path / "hashes").iterdir()}
@@ -223,9 +252,15 @@ def test_sigkill_during_checkpoint_write_then_resume(data, tmp_path, monkeypatch
     reference = losses(tmp_path / "a")
 
     out = tmp_path / "b"
-    env = {**os.environ, "LDM_TEST_CKPT_PAUSE": "9:120"}  # sleeps half-way through writing step 9
+    pause = hooked(tmp_path, "train_ldm.py", """
+        import time
+        def checkpoint_written(step, folder):  # sleeps half-way through writing step 9
+            if step == 9:
+                time.sleep(120)
+        hooks.checkpoint_written = checkpoint_written
+    """)
     with open(tmp_path / "b.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "train_ldm.py", *base_args(data, out, **args)], cwd=REPO, env=env,
+        proc = subprocess.Popen([sys.executable, pause, *base_args(data, out, **args)], cwd=REPO,
                                 stdout=log, stderr=subprocess.STDOUT)
     partial = out / "checkpoints" / ".tmp-step-00000009"
     deadline = time.time() + 120

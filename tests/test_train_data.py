@@ -1,5 +1,5 @@
-"""ldm.data.images (captions, transforms, corrupt files, bad input, held-out split, condition
-dropout) and ldm.train_config (strict YAML, overrides, fitting an --init checkpoint)."""
+"""ldm.training.data (captions, transforms, corrupt files, bad input, held-out split, condition
+dropout) and ldm.training.config (strict YAML, overrides, fitting an --init checkpoint)."""
 import json
 import random
 from dataclasses import replace
@@ -10,10 +10,9 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
 from ldm.config import tiny
-from ldm.data.images import (ImageCaptionDataset, caption_collate, load_image, scan_folder,
-                             split_holdout)
-from ldm.train_config import TrainConfig, VAETrainConfig, load_train_config
-from ldm.train_state import lr_factor
+from ldm.training.config import TrainConfig, VAETrainConfig, load_train_config
+from ldm.training.data import ImageCaptionDataset, caption_collate, load_image, scan_folder, split_holdout
+from ldm.training.optim import lr_factor
 
 
 def make_image(path, size=(40, 40), colour=(200, 40, 40)):
@@ -236,10 +235,6 @@ def test_train_config_must_fit_init_checkpoint():
     own = load_train_config(TrainConfig, None, ["model_preset=''", "model.unet.use_checkpoint=True"], init="x",
                             read_model=lambda p: file_cfg)
     assert own.model.unet.model_channels == 32 and own.model.unet.use_checkpoint
-    # fine-tuning a causal text encoder into a bidirectional one (phase 5 in docs/default_model.md)
-    both = load_train_config(TrainConfig, None, ["model_preset=", "model.text_encoder.bidirectional=true"],
-                             init="x", read_model=lambda p: file_cfg)
-    assert both.model.text_encoder.bidirectional and not file_cfg.text_encoder.bidirectional
     with pytest.raises(ValueError, match="model_preset is empty and there is no --init"):
         load_train_config(TrainConfig, None, ["model_preset=''"])
     # a --vae brings its own autoencoder: the checkpoint's (here another scale_factor) is not compared
@@ -248,3 +243,23 @@ def test_train_config_must_fit_init_checkpoint():
         load_train_config(TrainConfig, None, [], init="x", read_model=lambda p: other_vae)
     assert load_train_config(TrainConfig, None, ["vae=v.safetensors"], init="x",
                              read_model=lambda p: other_vae).model.unet == tiny().unet
+
+
+def test_removed_experiments_are_accepted_off_and_refused_on(tmp_path):
+    """Training YAMLs and commands from before the grounding loss and the bidirectional text encoder
+    were removed still run when they leave them off."""
+    old = tmp_path / "old.yaml"
+    old.write_text("max_steps: 3\ngrounding: 0.0\ngrounding_pixel: 0\nmodel:\n  text_encoder:\n"
+                   "    bidirectional: false\n")
+    cfg = load_train_config(TrainConfig, old, ["grounding=0", "model.text_encoder.bidirectional=false"])
+    assert cfg.max_steps == 3 and cfg.model == tiny()
+    old.write_text("max_steps: 3\ngrounding: 0.1\n")
+    with pytest.raises(ValueError, match=r"grounding=0.1 turns on the cross-attention grounding loss .*removed "
+                                         r"from ldm \(ldm 0.1.0 at commit b2dd828 has it\); only grounding=0.0"):
+        load_train_config(TrainConfig, old)
+    with pytest.raises(ValueError, match="grounding_pixel=0.02 turns on the cross-attention grounding loss"):
+        load_train_config(TrainConfig, None, ["grounding_pixel=0.02"])
+    with pytest.raises(ValueError, match="text_encoder.bidirectional=True turns on a bidirectional CLIP text"):
+        load_train_config(TrainConfig, None, ["model.text_encoder.bidirectional=true"])
+    with pytest.raises(ValueError, match="unknown config key 'grounding'"):  # never a field of the VAE's config
+        load_train_config(VAETrainConfig, None, ["grounding=0"])

@@ -23,8 +23,6 @@ def text_from_diffusers(sd: dict, cfg: TextEncoderConfig) -> dict:
 
 
 def text_to_diffusers(sd: dict, cfg: TextEncoderConfig) -> tuple[dict, dict]:
-    if cfg.bidirectional:  # transformers' CLIPTextModel would load it with the causal mask: other pictures
-        raise ValueError("diffusers' CLIPTextModel can't express a bidirectional text encoder: save as 'ldm'")
     if cfg.kind == "clip":
         out, arch = text.clip_ours_to_diffusers(sd), "CLIPTextModel"
     elif cfg.kind == "openclip":

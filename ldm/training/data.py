@@ -8,6 +8,7 @@ run draws exactly what the interrupted one would have."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import random
@@ -17,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+
+from .state import state_hash
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -138,6 +141,14 @@ def scan_folder(root: str | Path, resolution: int, caption_column: str = "text",
     return report
 
 
+def training_images(data, resolution: int, seed: int, captions: str) -> tuple[FolderReport, list, list]:
+    """(report, train items, held-out items) of the folder a DataConfig names: scanned at `resolution`,
+    cut to data.limit, split by data.holdout."""
+    report = scan_folder(data.path, resolution, data.caption_column, captions)
+    items = report.items[:data.limit] if data.limit else report.items
+    return (report, *split_holdout(items, data.holdout, seed))
+
+
 def split_holdout(items: list, holdout: float, seed: int = 0) -> tuple[list, list]:
     """(train, held_out): `holdout` is a fraction (< 1) or a count (≥ 1); the choice depends only on
     the seed and the sorted file list."""
@@ -174,7 +185,7 @@ def load_image(path: Path, resolution: int, center_crop: bool, flip: bool, rng: 
 
 
 class ImageCaptionDataset(Dataset):
-    """{"x": (3, R, R), "caption": str, "seed": int, "skipped": int, "item": index of the item used}."""
+    """{"x": (3, R, R), "caption": str, "seed": int, "skipped": int} per item."""
 
     def __init__(self, items: list[Item], resolution: int, center_crop: bool = True,
                  random_flip: bool = False, seed: int = 0, resize: int = 0):
@@ -198,8 +209,7 @@ class ImageCaptionDataset(Dataset):
                 # a corrupt file must not end an epoch: take the next image, count the skip
                 log.warning("skipping unreadable image %s: %s", item.path, e)
                 continue
-            return {"x": x, "caption": item.caption or "", "seed": seed, "skipped": skipped,
-                    "item": (index + skipped) % len(self.items)}
+            return {"x": x, "caption": item.caption or "", "seed": seed, "skipped": skipped}
         raise RuntimeError(f"no image of the dataset can be decoded (tried {len(self.items)})")
 
 
@@ -218,18 +228,29 @@ def caption_collate(samples: list[dict], tokenize=None, cond_drop: float = 0.0) 
              "skipped": torch.tensor(sum(s["skipped"] for s in samples))}
     if tokenize is not None:
         batch["tokens"] = tokenize(captions)  # (B, L)
-    if "groups" in samples[0]:  # grounding targets (ldm.data.grounding): a dropped caption names nothing
-        batch["masks"] = torch.stack([s["masks"] for s in samples])
-        batch["groups"] = torch.stack([s["groups"] & bool(c) for s, c in zip(samples, captions)])
     return batch
+
+
+def train_loader(dataset: Dataset, cfg, collate=caption_collate) -> DataLoader:
+    """Shuffled batches of cfg.batch_size, the order fixed by cfg.seed (the global RNG stays untouched)."""
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
+                      num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
 
 
 # ---------------------------------------------------------------------------------------------
 # Cached latents: the posterior moments of each image (and of its mirror image with random_flip)
 
 
+def latent_cache_path(folder: str | Path, items, load_res: int, random_flip: bool, autoencoder) -> Path:
+    """folder/latents/<hash>.npy: a new autoencoder, resolution, flip setting or image file gets a
+    new cache."""
+    fingerprint = [load_res, random_flip, state_hash(autoencoder.state_dict())]
+    fingerprint += [(str(i.path), i.path.stat().st_mtime_ns) for i in items]
+    return Path(folder) / "latents" / f"{hashlib.sha256(repr(fingerprint).encode()).hexdigest()[:16]}.npy"
+
+
 class CachedLatentDataset(Dataset):
-    """{"moments": (2C, h, w) mean and logvar, "caption", "seed", "skipped": 0, "item"} from a cache file;
+    """{"moments": (2C, h, w) mean and logvar, "caption", "seed", "skipped": 0} from a cache file;
     images that failed to decode while caching (NaN rows) are left out and counted in `unreadable`."""
 
     def __init__(self, items: list[Item], cache_path: str | Path, seed: int = 0):
@@ -250,7 +271,7 @@ class CachedLatentDataset(Dataset):
         seed = hash((self.seed, self.epoch, index))
         row, flip = self.rows[index], random.Random(seed).randrange(self.moments.shape[1])
         m = torch.from_numpy(np.array(self.moments[row, flip], dtype=np.float32))
-        return {"moments": m, "caption": self.items[row].caption or "", "seed": seed, "skipped": 0, "item": row}
+        return {"moments": m, "caption": self.items[row].caption or "", "seed": seed, "skipped": 0}
 
 
 @torch.no_grad()

@@ -1,1 +1,0 @@
-"""Datasets: folders of images with captions (`images`); the experiments' scene-record targets (`matching`, `grounding`)."""
