@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative", help="negative prompt (replaces the empty prompt as the null condition)")
     g.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: the model's)")
     g.add_argument("--karras", action=argparse.BooleanOptionalAction,
-                   help="Karras sigmas (euler, euler_ancestral, dpmpp_2m; default: the model's scheduler)")
+                   help="Karras sigmas: --sampler dpmpp_2m --karras is dpmpp_2m_karras (euler, "
+                        "euler_ancestral, dpmpp_2m; default: the model's scheduler)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM η in [0, 1] (0 = deterministic)")
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)

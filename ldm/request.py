@@ -13,8 +13,7 @@ from .checks import as_float, as_int, as_size, available_memory
 from .guidance import check_guidance_rescale
 from .planners import planner
 from .regions import Region, as_regions
-from .samplers import SAMPLERS, check_options
-from .formats.diffusers_scheduler import karras_of, resolve
+from .samplers import SAMPLERS, check_options, effective_name
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 
@@ -103,7 +102,7 @@ def check_request(pipe, prompt, negative_prompt, steps, guidance_scale, height, 
                         f"got {guidance!r}")
     repeat = lambda items: [item for item in items for _ in range(n)]   # noqa: E731
     return Request(repeat(prompts), repeat(negatives), repeat(per_prompt), steps, guidance_scale,
-                   guidance_rescale, sampler, karras, _effective_name(sampler, cfg.schedule, karras),
+                   guidance_rescale, sampler, karras, effective_name(sampler, cfg.schedule, karras),
                    float(eta), height, width, seed, regions_from_t, tuple(guidance), output_type,
                    (len(prompts) * n, cfg.unet.in_channels, height // f, width // f))
 
@@ -167,6 +166,3 @@ def check_memory(pipe, batch: int, height: int, width: int) -> None:
                          f"and {pipe.device.type} has {have / 2 ** 30:.1f} GiB available; use fewer "
                          f"images at once or a smaller size (about {side}×{side} fits at this count)")
 
-
-def _effective_name(sampler, schedule, karras):  # TEMP until samplers.effective_name lands
-    return sampler + ("_karras" if karras_of(resolve(schedule, sampler), sampler, karras) else "")

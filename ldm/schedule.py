@@ -1,5 +1,6 @@
 """The discrete-time diffusion process: β schedules, ᾱ, q_sample, ε/x0/v conversions, the training
-loss, and the inference timestep / σ grids that diffusers' schedulers build in `set_timesteps`.
+loss, and the inference timestep / σ grids that diffusers' schedulers build in `set_timesteps`
+(ldm/grids.py packages them per family as the `Grid` a sampler walks).
 
 Schedules are computed in float64 and cast once to the tensor's dtype (as CompVis does; diffusers
 builds them in float32, so expect ~1e-6 relative differences against it).

@@ -7,7 +7,7 @@ from dataclasses import is_dataclass
 
 from .config import LDMConfig, apply_overrides
 from .planners import planner
-from .samplers import SAMPLERS
+from .formats.diffusers_scheduler import SCHEDULER_CLASSES
 
 
 def set_settings(cfg: "LDMConfig", overrides: list[str]) -> "LDMConfig":
@@ -21,8 +21,9 @@ def set_settings(cfg: "LDMConfig", overrides: list[str]) -> "LDMConfig":
             raise ValueError(f"--set {item!r}: only these settings can change without retraining: "
                              f"{', '.join(settings)}")
     cfg = apply_overrides(cfg, overrides)
-    if cfg.default_sampler not in SAMPLERS:   # a model must draw with no sampler named
-        raise ValueError(f"default_sampler must be one of {', '.join(SAMPLERS)}, got {cfg.default_sampler!r}")
+    if cfg.default_sampler not in SCHEDULER_CLASSES:   # a model must draw with no sampler named
+        raise ValueError(f"default_sampler must be one of {', '.join(SCHEDULER_CLASSES)} (a model's Karras "
+                         f"default is its schedule's use_karras_sigmas), got {cfg.default_sampler!r}")
     if cfg.layout_planner is not None:
         planner(cfg.layout_planner)  # a clear error for an unknown name, before anything is written
     return cfg

@@ -1,5 +1,6 @@
 """ldm.samplers: step-for-step parity with diffusers' schedulers, analytic Gaussian checks, guards."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -7,7 +8,8 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler)
 
 from ldm.config import ScheduleConfig
-from ldm.samplers import SAMPLERS, ddim, ddpm, sample
+from ldm.grids import vp_grid
+from ldm.samplers import SAMPLERS, ddim, ddpm, effective_name, sample
 from ldm.schedule import alphas_cumprod, sampling_timesteps, sigmas_from_alphas_cumprod, t_to_sigma
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notes from diffusers
@@ -141,9 +143,8 @@ def test_ddpm_fixed_large_parity(prediction_type):
     noise, generator = noise_and_generator()
     sched = DDPMScheduler(**SD, clip_sample=False, variance_type="fixed_large", prediction_type=prediction_type)
     ref = run_diffusers(sched, noise, 12, generator)
-    cfg = ScheduleConfig(prediction_type=prediction_type)
-    ours = ddpm(model_fn, noise, alphas_cumprod(cfg), sampling_timesteps(12, cfg), variance="fixed_large",
-                prediction_type=prediction_type, generator=torch.Generator().manual_seed(3))
+    cfg = ScheduleConfig(prediction_type=prediction_type, variance_type="fixed_large")
+    ours = ddpm(model_fn, noise, vp_grid(12, cfg), cfg, generator=torch.Generator().manual_seed(3))
     assert_rel_close(ours, ref)
 
 
@@ -154,8 +155,9 @@ def test_ddim_on_a_suffix_of_the_schedule():
     sched.set_timesteps(10)
     sched.timesteps = sched.timesteps[4:]
     ref = run_diffusers(sched, noise, 10, None)
-    cfg = ScheduleConfig()
-    ours = ddim(model_fn, noise, alphas_cumprod(cfg), sampling_timesteps(10, cfg)[4:], stride=100)
+    cfg, grid = ScheduleConfig(), vp_grid(10, ScheduleConfig())
+    assert grid.stride == 100
+    ours = ddim(model_fn, noise, replace(grid, timesteps=grid.timesteps[4:]), cfg)   # the stride stays
     assert_rel_close(ours, ref)
 
 
@@ -169,10 +171,62 @@ def test_euler_ancestral_karras_parity(prediction_type):
     sched.set_timesteps(10)
     sched.sigmas, sched.timesteps = karras.sigmas, karras.timesteps
     ref = run_diffusers(sched, noise, 10, generator)
-    ours = sample("euler_ancestral", model_fn, noise,
+    ours = sample("euler_ancestral_karras", model_fn, noise,
                   ScheduleConfig(prediction_type=prediction_type, timestep_spacing="leading"), 10,
-                  karras=True, generator=torch.Generator().manual_seed(3))
+                  generator=torch.Generator().manual_seed(3))
     assert_rel_close(ours, ref)
+
+
+@pytest.mark.parametrize("name,cls", [("euler_karras", EulerDiscreteScheduler),
+                                      ("dpmpp_2m_karras", DPMSolverMultistepScheduler)])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_karras_names_match_diffusers_use_karras_sigmas(name, cls, prediction_type, spacing):
+    # ComfyUI's names against the diffusers class switched the way its users switch it
+    noise, generator = noise_and_generator()
+    plain = cls(**SD, prediction_type=prediction_type, timestep_spacing=spacing)
+    ref = run_diffusers(cls.from_config(plain.config, use_karras_sigmas=True), noise, 12, generator)
+    ours = sample(name, model_fn, noise, ScheduleConfig(prediction_type=prediction_type, timestep_spacing=spacing),
+                  12, generator=torch.Generator().manual_seed(3))
+    assert_rel_close(ours, ref)
+
+
+KARRAS_NAMES = ["euler_karras", "euler_ancestral_karras", "dpmpp_2m_karras"]
+
+
+@pytest.mark.parametrize("name", KARRAS_NAMES)
+def test_karras_is_an_alias_for_the_karras_name(name):
+    noise, _ = noise_and_generator()
+    base, cfg = name.removesuffix("_karras"), ScheduleConfig()
+    run = lambda n, **kw: sample(n, model_fn, noise, cfg, 9,  # noqa: E731
+                                 generator=torch.Generator().manual_seed(3), **kw)
+    by_name = run(name)
+    assert torch.equal(run(base, karras=True), by_name) and torch.equal(run(name, karras=True), by_name)
+    assert not torch.allclose(run(base), by_name)        # the grid is what differs
+    assert effective_name(base, cfg, True) == effective_name(name, cfg) == name
+    assert effective_name(base, cfg, False) == effective_name(base, cfg) == base
+    with pytest.raises(ValueError, match=f"karras=False.*{base}"):
+        run(name, karras=False)
+
+
+def test_karras_none_follows_the_schedule_where_the_class_reads_it():
+    cfg = ScheduleConfig(use_karras_sigmas=True)
+    # EulerAncestralDiscreteScheduler and the VP classes have no use_karras_sigmas
+    assert [effective_name(n, cfg) for n in ("euler", "dpmpp_2m", "euler_ancestral", "ddim")] == [
+        "euler_karras", "dpmpp_2m_karras", "euler_ancestral", "ddim"]
+    assert effective_name("euler", cfg, False) == "euler"
+    noise, _ = noise_and_generator()
+    assert torch.equal(sample("dpmpp_2m", model_fn, noise, cfg, 9),
+                       sample("dpmpp_2m_karras", model_fn, noise, ScheduleConfig(), 9))
+
+
+def test_registry_rows():
+    assert list(SAMPLERS)[:6] == ["ddpm", "ddim", "pndm", "euler", "euler_ancestral", "dpmpp_2m"]
+    assert sorted(n for n, s in SAMPLERS.items() if s.karras) == sorted(KARRAS_NAMES)
+    assert [n for n, s in SAMPLERS.items() if s.eta] == ["ddim"]
+    for name in KARRAS_NAMES:   # the same step on another grid
+        base = SAMPLERS[name.removesuffix("_karras")]
+        assert replace(base, karras=True) == SAMPLERS[name]
 
 
 def test_euler_ancestral_is_ddpm_in_sigma_space():
@@ -240,9 +294,10 @@ def test_samplers_produce_sigma_data_std():
 def test_ddpm_fixed_small_and_large_bracket_sigma_data():
     # strided DDPM under-disperses with β̃ and over-disperses with β (Bao et al. 2022, Analytic-DPM)
     cfg = ScheduleConfig(timestep_spacing="trailing")
-    ac, ts, model = alphas_cumprod(cfg), sampling_timesteps(50, cfg), gaussian_eps_model(cfg)
+    grid, model = vp_grid(50, cfg), gaussian_eps_model(cfg)
     noise = torch.randn(1000, 4, 2, 2, generator=torch.Generator().manual_seed(0))
-    std = {v: ddpm(model, noise, ac, ts, variance=v, generator=torch.Generator().manual_seed(1)).std().item()
+    std = {v: ddpm(model, noise, grid, replace(cfg, variance_type=v),
+                   generator=torch.Generator().manual_seed(1)).std().item()
            for v in ("fixed_small", "fixed_large")}
     assert std["fixed_small"] < 0.97 * SIGMA_DATA < 1.02 * SIGMA_DATA < std["fixed_large"]
 
@@ -281,13 +336,15 @@ def test_bad_arguments_raise_value_error():
         sample("plms", model_fn, noise, ScheduleConfig(), 10)
     with pytest.raises(ValueError, match="eta"):
         sample("euler", model_fn, noise, ScheduleConfig(), 10, eta=0.5)
-    with pytest.raises(ValueError, match="karras"):
-        sample("ddim", model_fn, noise, ScheduleConfig(), 10, karras=True)
+    for name in ("ddpm", "ddim", "pndm"):
+        with pytest.raises(ValueError, match="karras=True applies to euler, euler_ancestral, dpmpp_2m"):
+            sample(name, model_fn, noise, ScheduleConfig(), 10, karras=True)
+    with pytest.raises(TypeError, match="karras"):
+        sample("euler", model_fn, noise, ScheduleConfig(), 10, karras=1)
+    with pytest.raises(ValueError, match="eta only applies to the ddim sampler"):
+        sample("dpmpp_2m_karras", model_fn, noise, ScheduleConfig(), 10, eta=0.3)
     for num_steps in (0, 1001):
         with pytest.raises(ValueError, match="num_steps"):
             sample("dpmpp_2m", model_fn, noise, ScheduleConfig(), num_steps)
     with pytest.raises(ValueError, match="epsilon, v_prediction, sample"):
         sample("ddim", model_fn, noise, ScheduleConfig(prediction_type="eps"), 10)
-    cfg = ScheduleConfig()
-    with pytest.raises(ValueError, match="fixed_small, fixed_large"):
-        ddpm(model_fn, noise, alphas_cumprod(cfg), sampling_timesteps(5, cfg), variance="learned")

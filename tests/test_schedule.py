@@ -8,6 +8,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        EulerDiscreteScheduler)
 
 from ldm.config import ScheduleConfig
+from ldm.grids import dpm_grid, euler_grid, vp_grid
 from ldm.schedule import (alphas_cumprod, diffusion_loss, dpm_solver_schedule, eps_from_v,
                           eps_from_x0, euler_schedule, karras_sigmas, make_beta_schedule,
                           pred_x0_from_eps, q_sample, sampling_timesteps, sigma_to_t,
@@ -99,6 +100,32 @@ def test_dpm_solver_schedule_matches_diffusers(spacing, num_steps, karras):
     sched.set_timesteps(num_steps)
     assert ts.dtype == torch.long and torch.equal(ts, sched.timesteps)
     assert torch.allclose(sigmas.float(), sched.sigmas, rtol=SIGMA_RTOL, atol=0)
+
+
+@pytest.mark.parametrize("spacing", [None, "leading", "trailing", "linspace"])
+@pytest.mark.parametrize("karras", [False, True])
+@pytest.mark.parametrize("grid_fn,cls", [(euler_grid, EulerDiscreteScheduler), (dpm_grid, DPMSolverMultistepScheduler)])
+def test_sigma_grids_hold_the_schedule_and_diffusers_init_sigma(grid_fn, cls, spacing, karras):
+    cfg = ScheduleConfig(timestep_spacing=spacing)
+    grid = grid_fn(10, cfg, karras=karras)
+    ts, sigmas = (euler_schedule if grid_fn is euler_grid else dpm_solver_schedule)(10, cfg, karras=karras)
+    assert torch.equal(grid.timesteps, ts) and torch.equal(grid.sigmas, sigmas) and grid.alphas_cumprod is None
+    plain = cls(**SD, **({"timestep_spacing": spacing} if spacing else {}))   # unset: the class's default
+    sched = cls.from_config(plain.config, use_karras_sigmas=karras)
+    sched.set_timesteps(10)
+    assert grid.init_sigma == pytest.approx(float(sched.init_noise_sigma), rel=SIGMA_RTOL)
+    assert [s for _, _, s, _ in grid.sigma_steps()] == sigmas[:-1].tolist()
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_vp_grid(spacing):
+    cfg = ScheduleConfig(timestep_spacing=spacing)
+    grid = vp_grid(7, cfg)
+    assert torch.equal(grid.timesteps, sampling_timesteps(7, cfg)) and grid.sigmas is None
+    assert torch.equal(grid.alphas_cumprod, alphas_cumprod(cfg))
+    assert grid.stride == 1000 // 7 and grid.init_sigma == 1.0
+    with pytest.raises(ValueError, match="σ grid"):
+        vp_grid(7, cfg, karras=True)
 
 
 def test_trailing_never_yields_negative_timesteps():

@@ -96,6 +96,14 @@ def test_every_sampler_matches_diffusers_on_real_sd_configs(loaded, family, samp
     assert np.abs(a - b).max() <= PIXEL_TOL
 
 
+@pytest.mark.parametrize("sampler", ["euler_karras", "dpmpp_2m_karras"])
+def test_karras_names_match_diffusers_use_karras_sigmas_on_real_sd_configs(loaded, family, sampler):
+    # ComfyUI's name for what `--karras` asks: the same picture as the alias
+    folder, ref, ours = loaded(family, None)
+    a, b = images(theirs(folder, sampler.removesuffix("_karras"), True, ref), ours, sampler=sampler)
+    assert np.abs(a - b).max() <= PIXEL_TOL
+
+
 def test_unset_spacing_differs_by_sampler_as_in_diffusers(saved, tmp_path):
     # the defect: Euler read "leading" from a config that sets nothing, and drew another picture
     folder = ship(saved, "sd1", tmp_path)

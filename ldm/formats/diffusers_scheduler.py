@@ -16,7 +16,8 @@ from dataclasses import fields, replace
 
 from ..config import VARIANCE_TYPES, ScheduleConfig, from_dict
 
-# our sampler -> the diffusers scheduler class it reproduces step for step
+# our sampler -> the diffusers scheduler class it reproduces step for step; the `_karras` rows of
+# ldm.samplers.SAMPLERS name their base here (SamplerSpec.scheduler), Karras being a grid option
 SCHEDULER_CLASSES = {
     "ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler",
     "euler": "EulerDiscreteScheduler", "euler_ancestral": "EulerAncestralDiscreteScheduler",
@@ -62,7 +63,8 @@ def resolve(cfg: ScheduleConfig, sampler: str) -> ScheduleConfig:
 
 
 def karras_of(cfg: ScheduleConfig, sampler: str, karras: bool | None) -> bool:
-    """Karras σ's: as asked, else the config's `use_karras_sigmas` where the class reads it."""
+    """Karras σ's for `sampler` (a SCHEDULER_CLASSES key): as asked, else the config's
+    `use_karras_sigmas` where the class reads it."""
     if karras is not None:
         return karras
     return cfg.use_karras_sigmas and sampler in KARRAS_READERS
