@@ -22,7 +22,7 @@ import torch
 def build(preset: str):
     """Our pipeline with random weights, and the same weights in a diffusers StableDiffusionPipeline."""
     from ldm import LatentDiffusion, Pipeline
-    from ldm.config import PRESETS
+    from ldm.presets import PRESETS
     from ldm.interop import to_diffusers
     torch.manual_seed(0)
     cfg = PRESETS[preset]()

@@ -55,17 +55,19 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm self-attention, cross-attention to the text, feed-forward; each residual."""
+    """Pre-norm self-attention, cross-attention to the text, feed-forward; each residual.
+    disable_self_attn (the x4 upscaler's first levels): attn1 attends to the text too."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, disable_self_attn: bool = False):
         super().__init__()
-        self.attn1 = CrossAttention(dim, None, heads, dim_head)
+        self.disable_self_attn = disable_self_attn
+        self.attn1 = CrossAttention(dim, context_dim if disable_self_attn else None, heads, dim_head)
         self.ff = FeedForward(dim)
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def forward(self, x, context):
-        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn1(self.norm1(x), context if self.disable_self_attn else None)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -75,7 +77,7 @@ class SpatialTransformer(nn.Module):
     SD1 projects in/out with 1×1 convs, SD2 with Linear layers (`use_linear`)."""
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int,
-                 use_linear: bool, groups: int = 32):
+                 use_linear: bool, groups: int = 32, disable_self_attn: bool = False):
         super().__init__()
         inner = heads * dim_head
         self.use_linear = use_linear
@@ -83,7 +85,7 @@ class SpatialTransformer(nn.Module):
         proj = (lambda i, o: nn.Linear(i, o)) if use_linear else (lambda i, o: nn.Conv2d(i, o, 1))
         self.proj_in = proj(channels, inner)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth))
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, disable_self_attn) for _ in range(depth))
         self.proj_out = zero_module(proj(inner, channels))
 
     def forward(self, x, context):

@@ -76,7 +76,10 @@ class UNetConfig:
     transformer_depth: int = 1
     context_dim: int = 768             # 1024 for SD2 (OpenCLIP ViT-H)
     use_linear_in_transformer: bool = False  # SD2: proj_in/proj_out are Linear, not 1x1 Conv
-    num_classes: int | None = None     # class-conditional: label_emb added to the time embedding
+    num_classes: int | None = None     # class-conditional: label_emb added to the time embedding (x4: noise_level)
+    disable_self_attentions: tuple[bool, ...] | None = None  # per level: True = attn1 attends to the context,
+                                       # not to itself (x4 upscaler; diffusers' only_cross_attention)
+    disable_middle_self_attn: bool = False  # the same for the middle block
     use_scale_shift_norm: bool = False # AdaGN h = norm(h)·(1+scale)+shift (Dhariwal & Nichol); SD adds
     norm_groups: int = 32
     use_checkpoint: bool = False       # gradient checkpointing in training
@@ -89,6 +92,8 @@ class UNetConfig:
         require(self, "attention_resolutions", lambda v: all(r >= 1 for r in v),
                 "a list of downsampling factors >= 1")
         require(self, "num_classes", lambda v: v is None or v >= 1, "null or >= 1")
+        require(self, "disable_self_attentions", lambda v: v is None or len(v) == len(self.channel_mult),
+                f"null or one true/false per level ({len(self.channel_mult)}, as channel_mult)")
         # the widths UNetModel builds: its levels, and the decoder's inputs (level + skip, concatenated)
         mc, nrb = self.model_channels, self.num_res_blocks
         levels = [mc * m for m in self.channel_mult]
@@ -195,10 +200,27 @@ class LDMConfig:
     default_sampler: str = "ddim"
     layout_planner: str | None = None  # ldm.planners name: prompt -> regions (ldm/regions.py)
     regions_from_t: int = 600          # regions guide the steps at t ≥ this (the layout-forming ones)
+    low_res_schedule: ScheduleConfig | None = None  # upscaler: the schedule noising the low-res image to
+                                       # noise_level, the UNet's class label (diffusers' low_res_scheduler)
+    max_noise_level: int | None = None # upscaler: the highest noise_level accepted (x4: 350)
 
     @property
     def latent_size(self) -> int:
         return self.sample_size // self.autoencoder.downsample_factor
+
+    @property
+    def image_conditioning(self) -> str | None:
+        """What the UNet's input holds beside the latents, in diffusers' order: None (text-to-image),
+        "inpaint" ([latents, mask, masked-image latents]) or "upscale" ([latents, low-res image], the
+        noise_level as class label y). A ValueError for any other UNet: ldm has no pipeline for it."""
+        u, image = self.unet, self.autoencoder.in_channels
+        if self.low_res_schedule is not None:
+            return "upscale"
+        if u.in_channels in (u.out_channels, 2 * u.out_channels + 1):
+            return None if u.in_channels == u.out_channels else "inpaint"
+        raise ValueError(f"this UNet takes {u.in_channels} input channels for {u.out_channels} latent channels: "
+                         f"neither text-to-image ({u.out_channels}), inpainting ({2 * u.out_channels + 1}) nor an "
+                         f"upscaler ({u.out_channels + image}, with low_res_schedule and max_noise_level)")
 
     def __post_init__(self):
         f = self.autoencoder.downsample_factor
@@ -208,6 +230,18 @@ class LDMConfig:
         require(self, "default_guidance_scale", lambda v: 0 <= v < float("inf"),
                 "a finite number >= 0 (1: no guidance)")  # NaN fails
         require(self, "regions_from_t", lambda v: v >= 0, ">= 0")
+        if self.low_res_schedule is None:
+            require(self, "max_noise_level", lambda v: v is None, "null without a low_res_schedule")
+            return
+        u, image = self.unet, self.autoencoder.in_channels
+        if u.in_channels != u.out_channels + image or u.num_classes is None:
+            raise ValueError(f"LDMConfig.low_res_schedule is set (an upscaler), but the UNet is not an upscaler's: "
+                             f"that takes in_channels = out_channels + {image} (the latents and the low-res image), "
+                             f"got {u.in_channels}, and num_classes (noise_level is its class label), got "
+                             f"{u.num_classes}")
+        most = min(u.num_classes, self.low_res_schedule.num_train_timesteps) - 1
+        require(self, "max_noise_level", lambda v: v is not None and 0 <= v <= most,
+                f"an integer in [0, {most}] with a low_res_schedule (a valid class label and timestep)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -346,42 +380,3 @@ def save_yaml(cfg, path: str | Path) -> None:
             return [plain(v) for v in o]
         return o
     Path(path).write_text(yaml.safe_dump(plain(dataclasses.asdict(cfg)), sort_keys=False))
-
-
-# ---------------------------------------------------------------------------------------------
-# Presets
-
-
-def sd15() -> LDMConfig:
-    """Stable Diffusion 1.x (CLIP ViT-L/14 text encoder, ε-prediction, 512 px)."""
-    return LDMConfig()
-
-
-def sd21(v_prediction: bool = True) -> LDMConfig:
-    """Stable Diffusion 2.x (OpenCLIP ViT-H text encoder, 64-dim heads, linear proj).
-    2.1 at 768 px predicts v; 2.1-base at 512 px predicts ε."""
-    return LDMConfig(
-        unet=UNetConfig(num_heads=-1, num_head_channels=64, context_dim=1024,
-                        use_linear_in_transformer=True),
-        text_encoder=TextEncoderConfig(kind="openclip", hidden_size=1024, num_layers=24,
-                                       num_heads=16, intermediate_size=4096, hidden_act="gelu",
-                                       layer="penultimate", pad_with="zero", projection_dim=1024),
-        schedule=ScheduleConfig(prediction_type="v_prediction" if v_prediction else "epsilon"),
-        sample_size=768 if v_prediction else 512,
-    )
-
-
-def tiny(context_dim: int = 32) -> LDMConfig:
-    """A tiny random-weight model for tests: 64 px images, 16 px latents."""
-    return LDMConfig(
-        unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                        attention_resolutions=(2,), num_heads=2, context_dim=context_dim),
-        autoencoder=AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
-        text_encoder=TextEncoderConfig(hidden_size=context_dim, num_layers=2, num_heads=2,
-                                       intermediate_size=37, projection_dim=context_dim),
-        sample_size=32,
-        default_steps=4,
-    )
-
-
-PRESETS = {"sd15": sd15, "sd21": sd21, "sd21-base": lambda: sd21(v_prediction=False), "tiny": tiny}

@@ -6,13 +6,13 @@ sampler: "dpmpp_2m_karras" is dpmpp_2m on `dpm_grid(..., karras=True)`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .config import ScheduleConfig
 from .formats.diffusers_scheduler import resolve
-from .schedule import alphas_cumprod, dpm_solver_schedule, euler_schedule, sampling_timesteps
+from .schedule import alphas_cumprod, dpm_solver_schedule, euler_schedule, q_sample, sampling_timesteps
 
 
 @dataclass(frozen=True, eq=False)
@@ -26,11 +26,38 @@ class Grid:
     alphas_cumprod: torch.Tensor | None = None
     stride: int = 0
     init_sigma: float = 1.0
+    ve: bool = False              # x = x0 + σ ε (Euler's VE space), else VP: x = α x0 + σ α ε
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+        """x0 noised to the grid's level i (diffusers' `scheduler.add_noise` at that step)."""
+        if self.sigmas is None:                                   # VP grid: DDPM eq. (4) at t_i
+            return q_sample(x0, int(self.timesteps[i]), noise, self.alphas_cumprod)
+        sigma = float(self.sigmas[i])
+        if self.ve:
+            return x0 + sigma * noise
+        alpha = 1 / math.sqrt(sigma ** 2 + 1)
+        return alpha * x0 + (sigma * alpha) * noise
+
+    def last(self, num_steps: int, strength: float) -> "Grid":
+        """The grid's last steps at this strength (img2img's, diffusers' `get_timesteps`)."""
+        k = first_step(num_steps, strength)
+        sigmas = None if self.sigmas is None else self.sigmas[k:]
+        return self if k == 0 else replace(self, timesteps=self.timesteps[k:], sigmas=sigmas)
 
     def sigma_steps(self):
         """(i, t, σ, σ_next) per step of a σ grid, as Python numbers (t as the callback reports it)."""
         for i, t in enumerate(self.timesteps.tolist()):
             yield i, t, float(self.sigmas[i]), float(self.sigmas[i + 1])
+
+
+def first_step(num_steps: int, strength: float) -> int:
+    """Where img2img at `strength` starts: the last int(num_steps · strength) steps are run, as
+    diffusers' `get_timesteps` cuts its scheduler's timesteps."""
+    k = num_steps - min(int(num_steps * strength), num_steps)
+    if k >= num_steps:
+        raise ValueError(f"strength {strength} leaves no step of {num_steps} (int(steps · strength) = 0): "
+                         f"raise strength or steps")
+    return k
 
 
 def vp_grid(num_steps: int, cfg: ScheduleConfig, karras: bool = False) -> Grid:
@@ -42,6 +69,14 @@ def vp_grid(num_steps: int, cfg: ScheduleConfig, karras: bool = False) -> Grid:
     return Grid(ts, alphas_cumprod=ac, stride=len(ac) // len(ts))
 
 
+def pndm_grid(num_steps: int, cfg: ScheduleConfig, karras: bool = False) -> Grid:
+    """PNDMScheduler's (skip_prk_steps) model calls: the VP grid with t_1 listed twice, t_0, t_1, t_1,
+    t_2, …, the second call redoing the first step. img2img cuts this list, as diffusers does."""
+    grid = vp_grid(num_steps, cfg, karras)
+    ts = grid.timesteps
+    return replace(grid, timesteps=torch.cat([ts[:1], ts[1:2], ts[1:]]))
+
+
 def euler_grid(num_steps: int, cfg: ScheduleConfig, karras: bool = False) -> Grid:
     """EulerDiscreteScheduler's σ's and fractional t's; x_T = x0 + σ_max ε, and diffusers' init σ
     is √(σ_max²+1) for "leading" spacing."""
@@ -49,7 +84,7 @@ def euler_grid(num_steps: int, cfg: ScheduleConfig, karras: bool = False) -> Gri
     ts, sigmas = euler_schedule(num_steps, cfg, karras=karras)
     sigma_max = sigmas.max().item()
     leading = cfg.timestep_spacing not in ("linspace", "trailing")
-    return Grid(ts, sigmas, init_sigma=math.sqrt(sigma_max ** 2 + 1) if leading else sigma_max)
+    return Grid(ts, sigmas, init_sigma=math.sqrt(sigma_max ** 2 + 1) if leading else sigma_max, ve=True)
 
 
 def dpm_grid(num_steps: int, cfg: ScheduleConfig, karras: bool = False) -> Grid:

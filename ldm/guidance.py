@@ -51,6 +51,13 @@ def only_from(t0: float, early, late):
     return lambda x, t: early(x, t) if float(t.max()) >= t0 else late(x, t)
 
 
+def with_channels(model_fn: ModelFn, *extra: torch.Tensor) -> ModelFn:
+    """Extra inputs (B, C_i, h, w) concatenated to x's channels on every call (GLIDE's and SD's
+    inpainting [x, mask, masked-image latents], the upscaler's low-res image); the batched CFG rows
+    carry them too. Inside the samplers' input scaling, as diffusers concatenates after it."""
+    return lambda x, t: model_fn(torch.cat([x, *extra], dim=1), t)
+
+
 def check_guidance_rescale(guidance_rescale: float) -> float:
     return as_float(guidance_rescale, "guidance_rescale", 0, 1, hint=" (0 = off, 0.7 as in Lin et al. 2023)")
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate import init_empty_weights
 from PIL import Image
 
@@ -13,9 +14,10 @@ from . import checkpoint
 from .config import LDMConfig
 from .diffusion import LatentDiffusion
 from .checks import check_device
-from .guidance import cfg, classifier_free, only_from, prompt_rows
+from .guidance import cfg, classifier_free, only_from, prompt_rows, with_channels
 from .regions import box_mask, regional_rows
 from .request import Images, Request, as_prompts, check_request
+from .schedule import alphas_cumprod, q_sample
 from .samplers import sample
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "ldm-default.safetensors"
@@ -108,12 +110,15 @@ class Pipeline:
         """Scaled latents -> x (B, 3, H, W) in [-1, 1] (float32)."""
         return self.model.decode_first_stage(z.to(self.device, self.dtype)).float().clamp(-1, 1)
 
-    def _unet_fn(self):
-        """unet(x, t, context) in the pipeline's dtype, returning float32 for the samplers."""
+    def _unet_fn(self, label: int | None = None):
+        """unet(x, t, context) in the pipeline's dtype, returning float32 for the samplers; `label`:
+        every row's class label (an upscaler's noise_level)."""
         unet, dtype = self.unet, self.dtype
-        return lambda x, t, c: unet(x.to(dtype), t, c).float()
+        if label is None:
+            return lambda x, t, c: unet(x.to(dtype), t, c).float()
+        return lambda x, t, c: unet(x.to(dtype), t, c, y=torch.full_like(t, label, dtype=torch.long)).float()
 
-    # -- text to image ----------------------------------------------------------------------------
+    # -- generation -------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
                  steps: int | None = None, guidance_scale: float | None = None,
@@ -122,7 +127,8 @@ class Pipeline:
                  sampler: str | None = None, eta: float = 0.0, karras: bool | None = None,
                  num_images_per_prompt: int = 1, output_type: str = "pil", callback=None,
                  guidance_rescale: float = 0.0, regions="auto", regions_from_t: int | None = None,
-                 guidance: list | tuple = ()):
+                 guidance: list | tuple = (), image=None, mask_image=None, strength: float | None = None,
+                 noise_level: int | None = None):
         """Images for `prompt`: `Images` (a list of PIL images whose `.request` records the settings),
         a float array (N, H, W, 3) in [0, 1] ("np"), or latents ("latent"). Defaults (None) come from
         the model's config; karras=None follows the model's scheduler config (its use_karras_sigmas).
@@ -131,32 +137,66 @@ class Pipeline:
         (prompt, (left, top, right, bottom)) pairs), one list for every prompt or a list per prompt;
         "auto" plans them with the model's layout planner if it has one; None = off. They guide the
         steps at t ≥ regions_from_t (default: the model's). guidance: more wrappers model_fn ->
-        model_fn (ldm/guidance.py), applied after CFG in order."""
+        model_fn (ldm/guidance.py), applied after CFG in order.
+        image (a PIL image, one per prompt, or a tensor (B, 3, H, W) in [-1, 1]): img2img (SDEdit),
+        the last int(steps · strength) steps from its noised latents (strength default 0.8); with
+        mask_image (white = repaint): inpainting (strength default 1.0), by a 9-channel inpainting
+        UNet's extra inputs or, for any other model, by putting the known latents back after every
+        step. An upscaler model (SD x4) takes the low-res image and noise_level (default 20) and
+        returns the image ×4. Seeds give diffusers' images (its pipelines' order of random draws)."""
         req = check_request(self, prompt, negative_prompt, steps, guidance_scale, height, width, seed,
                             generator, sampler, eta, karras, num_images_per_prompt, output_type,
-                            guidance_rescale, regions, regions_from_t, guidance)
-        if generator is None:
-            generator = torch.Generator("cpu").manual_seed(req.seed)
-        if latents is None:  # diffusers' convention: drawn on the CPU generator, then moved
-            latents = torch.randn(req.latent_shape, generator=generator, device=generator.device,
-                                  dtype=torch.float32)
-        elif tuple(latents.shape) != req.latent_shape:
+                            guidance_rescale, regions, regions_from_t, guidance, image, mask_image, strength,
+                            noise_level)
+        if latents is not None and tuple(latents.shape) != req.latent_shape:
             raise ValueError(f"latents must have shape {req.latent_shape} for {len(req.prompts)} image(s) "
                              f"of {req.height}×{req.width}, got {tuple(latents.shape)}")
-        model_fn = self.denoiser(req)
-        z0 = sample(req.sampler, model_fn, latents.to(self.device, torch.float32), self.config.schedule,
-                    req.steps, eta=req.eta, karras=req.karras, generator=generator, callback=callback)
+        if generator is None:
+            generator = torch.Generator("cpu").manual_seed(req.seed)
+        noise, init, keep, extra = self._start(req, generator, latents)
+        model_fn = self.denoiser(req, extra)
+        z0 = sample(req.sampler, model_fn, noise, self.config.schedule, req.steps, eta=req.eta,
+                    karras=req.karras, generator=generator, callback=callback, init=init,
+                    strength=req.strength or 1.0, keep=keep)                  # (N, C, h, w)
         if output_type == "latent":
-            return z0                                                           # (N, C, h, w)
+            return z0
         x = self.decode_latents(z0)                                             # (N, 3, H, W)
         if output_type == "np":
             return ((x + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
         return Images(to_pil(x), req)
 
-    def denoiser(self, req: Request):
+    def _start(self, req: Request, generator: torch.Generator, latents: torch.Tensor | None):
+        """(noise, init latents, (known latents, mask) to keep, extra UNet inputs), drawn from the
+        generator in diffusers' order: the image's posterior sample, the noise, the masked image's."""
+        def noise_now() -> torch.Tensor:   # diffusers' convention: drawn on the generator's device
+            z = latents if latents is not None else torch.randn(
+                req.latent_shape, generator=generator, device=generator.device, dtype=torch.float32)
+            return z.to(self.device, torch.float32)
+        if req.image is None:
+            return noise_now(), None, None, None
+        n = req.latent_shape[0]
+        per_image = lambda z: z.repeat_interleave(n // len(z), 0).float()       # noqa: E731  image i ↔ prompt i
+        image = req.image.to(self.device)
+        if req.noise_level is not None:      # upscaler: the low-res image noised by its own schedule
+            low_noise = torch.randn(image.shape, generator=generator, device=generator.device).to(self.device)
+            ac = alphas_cumprod(self.config.low_res_schedule)
+            return noise_now(), None, None, (per_image(q_sample(image, req.noise_level, low_noise, ac)),)
+        nine = self.config.image_conditioning == "inpaint"
+        encoded = None if nine and req.strength == 1 else per_image(self.encode_image(image, generator))
+        noise = noise_now()
+        if not req.inpainting:
+            return noise, encoded, None, None
+        mask = req.mask.to(self.device)
+        masked = per_image(self.encode_image(image * (mask < 0.5), generator))   # the known pixels only
+        mask = per_image(F.interpolate(mask, size=req.latent_shape[2:]))         # nearest, as diffusers
+        init = encoded if req.strength < 1 else None                              # 1: from pure noise
+        return noise, init, None if nine else (encoded, mask), (mask, masked) if nine else None
+
+    def denoiser(self, req: Request, extra: tuple[torch.Tensor, ...] | None = None):
         """The model function the sampler sees: the prompt's rows (regional at t ≥ regions_from_t),
-        CFG against the negative prompts in the same batched call, then `req.guidance`'s wrappers.
-        The convenient keywords become guidance here, and only here."""
+        CFG against the negative prompts in the same batched call, the extra input channels of an
+        inpainting UNet (concatenated to every row), then `req.guidance`'s wrappers. The convenient
+        keywords become guidance here, and only here."""
         context = self.encode_prompt(req.prompts)                               # (N, L, D)
         uncond_context = context
         if req.guidance_scale != 1:
@@ -172,7 +212,10 @@ class Pipeline:
             prompt = only_from(req.regions_from_t, regional_rows(context, region_context, owner,
                                                                  masks.to(self.device)), prompt)
         combine = cfg(req.guidance_scale, req.guidance_rescale)
-        model_fn = classifier_free(self._unet_fn(), prompt, uncond_context, req.guidance_scale, combine)
+        unet = self._unet_fn(req.noise_level)
+        model_fn = classifier_free(unet, prompt, uncond_context, req.guidance_scale, combine)
+        if extra is not None:
+            model_fn = with_channels(model_fn, *extra)
         for wrap in req.guidance:
             model_fn = wrap(model_fn)
         return model_fn

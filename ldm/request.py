@@ -13,7 +13,8 @@ from .checks import as_float, as_int, as_size, available_memory
 from .guidance import check_guidance_rescale
 from .planners import planner
 from .regions import Region, as_regions
-from .samplers import SAMPLERS, check_options, effective_name
+from .image_inputs import as_images, as_masks
+from .samplers import SAMPLERS, check_options, effective_name, steps_run
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 
@@ -37,13 +38,24 @@ class Request:
     guidance: tuple                    # extra model_fn -> model_fn wrappers, applied last
     output_type: str
     latent_shape: tuple[int, int, int, int]
+    image: torch.Tensor | None = None  # (1 or P, 3, H, W) in [-1, 1]: img2img / inpainting
+    mask: torch.Tensor | None = None   # (1 or P, 1, H, W), 1 = repaint
+    strength: float | None = None      # with an image: the share of the steps run from its noised latents
+    steps_run: int = 0
+    noise_level: int | None = None     # an upscaler's: how much the low-res image is noised (its class label)
+
+    @property
+    def inpainting(self) -> bool:
+        return self.mask is not None
 
     def record(self, i: int) -> dict:
         """Image i's settings, as the PNG parameters name them."""
         return dict(prompt=self.prompts[i], negative_prompt=self.negatives[i], steps=self.steps,
                     guidance_scale=self.guidance_scale, guidance_rescale=self.guidance_rescale,
                     sampler=self.sampler_name, seed=self.seed, height=self.height, width=self.width,
-                    batch_index=i, regions=[[r.prompt, list(r.box)] for r in self.regions[i]])
+                    batch_index=i, regions=[[r.prompt, list(r.box)] for r in self.regions[i]],
+                    strength=self.strength, steps_run=self.steps_run, inpainting=self.inpainting,
+                    noise_level=self.noise_level)
 
 
 class Images(list):
@@ -67,7 +79,8 @@ def as_prompts(prompt, what: str) -> list[str]:
 
 def check_request(pipe, prompt, negative_prompt, steps, guidance_scale, height, width, seed, generator,
                   sampler, eta, karras, num_images_per_prompt, output_type, guidance_rescale, regions,
-                  regions_from_t, guidance) -> Request:
+                  regions_from_t, guidance, image=None, mask_image=None, strength=None,
+                  noise_level=None) -> Request:
     """Every argument of Pipeline.__call__ checked once, in order, with a message that says what to
     do; None takes the model's default. Nothing here touches a network."""
     cfg = pipe.config
@@ -79,6 +92,11 @@ def check_request(pipe, prompt, negative_prompt, steps, guidance_scale, height, 
     guidance_scale = as_float(cfg.default_guidance_scale if guidance_scale is None else guidance_scale,
                               "guidance_scale", 0, hint=" (1 = no guidance)")
     f = cfg.autoencoder.downsample_factor
+    images, masks, strength, noise_level = _image_inputs(cfg, len(prompts), image, mask_image, strength,
+                                                         noise_level)
+    if images is not None:
+        scale = f if noise_level is not None else 1         # an upscaler's latents are the low-res size
+        height, width = _image_size(images, height, width, scale)
     height = as_size(cfg.sample_size if height is None else height, "height", f)
     width = as_size(cfg.sample_size if width is None else width, "width", f)
     sampler = cfg.default_sampler if sampler is None else sampler
@@ -101,10 +119,55 @@ def check_request(pipe, prompt, negative_prompt, steps, guidance_scale, height, 
         raise TypeError("guidance must be a list of functions model_fn -> model_fn (see ldm/guidance.py), "
                         f"got {guidance!r}")
     repeat = lambda items: [item for item in items for _ in range(n)]   # noqa: E731
+    name = effective_name(sampler, cfg.schedule, karras)
     return Request(repeat(prompts), repeat(negatives), repeat(per_prompt), steps, guidance_scale,
-                   guidance_rescale, sampler, karras, effective_name(sampler, cfg.schedule, karras),
-                   float(eta), height, width, seed, regions_from_t, tuple(guidance), output_type,
-                   (len(prompts) * n, cfg.unet.in_channels, height // f, width // f))
+                   guidance_rescale, sampler, karras, name, float(eta), height, width, seed,
+                   regions_from_t, tuple(guidance), output_type,
+                   (len(prompts) * n, cfg.unet.out_channels, height // f, width // f), images, masks,
+                   strength, steps_run(name, steps, 1.0 if strength is None else strength), noise_level)
+
+
+def _image_inputs(cfg, n_prompts: int, image, mask_image, strength, noise_level):
+    """(images, masks, strength, noise_level) checked for the model's kind (`image_conditioning`):
+    strength in (0, 1], defaulting to diffusers' 0.8 for img2img and 1.0 for inpainting; a 9-channel
+    inpainting UNet needs an image and its mask, an upscaler a low-res image and a noise level."""
+    kind = cfg.image_conditioning
+    given = [name for name, v in (("mask_image", mask_image), ("strength", strength),
+                                  ("noise_level", noise_level)) if v is not None]
+    if image is None:
+        if kind is not None:
+            needs = "image= and mask_image=" if kind == "inpaint" else "image= (the low-res image)"
+            raise ValueError(f"this is an {'inpainting' if kind == 'inpaint' else 'upscaler'} model: pass {needs}")
+        if given:
+            raise ValueError(f"{given[0]} applies to an image: pass image= too (img2img / inpainting)")
+        return None, None, None, None
+    if kind == "upscale":
+        if mask_image is not None or strength is not None:
+            raise ValueError("an upscaler takes image= and noise_level=, not mask_image= or strength=")
+        noise_level = as_int(20 if noise_level is None else noise_level, "noise_level", 0, cfg.max_noise_level,
+                             hint=" (how much the low-res image is noised; 20 as diffusers)")
+        factor = 2 ** (len(cfg.unet.channel_mult) - 1)          # the UNet runs at the image's size
+        return as_images(image, n_prompts, factor), None, None, noise_level
+    if noise_level is not None:
+        raise ValueError("noise_level applies to upscaler models (SD x4 upscaler); this one is not")
+    if kind == "inpaint" and mask_image is None:
+        raise ValueError("this is an inpainting model (9 input channels): pass mask_image= with the image")
+    strength = (1.0 if mask_image is not None else 0.8) if strength is None else strength
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ValueError(f"strength must be a number in (0, 1] (the share of the steps run from the noised "
+                         f"image; 1 = from noise), got {strength!r}")
+    images = as_images(image, n_prompts, cfg.autoencoder.downsample_factor)
+    masks = None if mask_image is None else as_masks(mask_image, images)
+    return images, masks, float(strength), None
+
+
+def _image_size(images: torch.Tensor, height, width, scale: int = 1) -> tuple[int, int]:
+    """The output size is the image's (× an upscaler's factor); height/width, if given, must agree."""
+    h, w = images.shape[2] * scale, images.shape[3] * scale
+    if (height is not None and height != h) or (width is not None and width != w):
+        raise ValueError(f"height/width ({height}, {width}) differ from the image's size ({h}, {w}): "
+                         f"the output has the image's size, so leave them out or resize the image")
+    return h, w
 
 
 def _negatives(negative_prompt, n: int) -> list[str]:

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from .config import ScheduleConfig
-from .grids import Grid, dpm_grid, euler_grid, vp_grid
+from .grids import Grid, dpm_grid, euler_grid, first_step, pndm_grid, vp_grid
 from .schedule import check_prediction_type, eps_and_x0_at
 from .formats.diffusers_scheduler import karras_of, resolve
 
@@ -49,14 +49,20 @@ def _t_batch(t, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.full((x.shape[0],), t, dtype=dtype, device=x.device)  # (B,)
 
 
-def _after_step(x, i: int, t, pred_x0, callback) -> None:
-    """NaN/Inf guard (one reduction per step), then the progress callback."""
+def _after_step(x, i: int, t, pred_x0, callback, k: int | None = None, provisional: bool = False
+                ) -> torch.Tensor:
+    """NaN/Inf guard (one reduction per step), then the callback with k, the grid position of the
+    step (i, but for PNDM's doubled first call, whose provisional first result isn't a step of its
+    own); `sample` hands the step functions a callback that may return new latents (inpainting's
+    blend), which the sampler goes on from."""
     if not torch.isfinite(x).all():
         raise FloatingPointError(
             f"latents became NaN/Inf at step {i} (t={t}); run the model in float32 "
             "or use a lower guidance_scale")
     if callback is not None:
-        callback(dict(i=i, t=t, x=x, pred_x0=pred_x0))
+        new = callback(dict(i=i, t=t, x=x, pred_x0=pred_x0, k=i if k is None else k, provisional=provisional))
+        return x if new is None else new
+    return x
 
 
 def denoiser(model_fn: ModelFn, prediction_type: str) -> Denoiser:
@@ -117,7 +123,7 @@ def ddpm(model_fn: ModelFn, x: torch.Tensor, grid: Grid, cfg: ScheduleConfig, *,
             var = beta if cfg.variance_type == "fixed_large" else posterior_var
             x_new = x_new + math.sqrt(var) * _randn_like(out, generator)
         x = x_new
-        _after_step(x, i, t, pred_x0, callback)
+        x = _after_step(x, i, t, pred_x0, callback)
     return x
 
 
@@ -143,7 +149,7 @@ def ddim(model_fn: ModelFn, x: torch.Tensor, grid: Grid, cfg: ScheduleConfig, *,
         x = math.sqrt(alpha_prev) * pred_x0 + dir_xt            # DDIM eq. (12)
         if eta > 0:
             x = x + sigma * _randn_like(out, generator)         # DDIM eq. (12): random noise
-        _after_step(x, i, t, pred_x0, callback)
+        x = _after_step(x, i, t, pred_x0, callback)
     return x
 
 
@@ -151,7 +157,8 @@ def pndm(model_fn: ModelFn, x: torch.Tensor, grid: Grid, cfg: ScheduleConfig, *,
     """PLMS (Liu et al. 2022, the PNDM paper's pseudo linear multistep; CompVis `PLMSSampler`), as
     PNDMScheduler with skip_prk_steps: a 4th-order Adams–Bashforth combination of the last outputs,
     the first step taken twice (Euler, then with the mean of both outputs: Heun) to start the history.
-    S steps cost S+1 model calls. The transfer is PNDM eq. (11), φ(x_t, ε, t, t−δ)."""
+    S steps cost S+1 model calls. The transfer is PNDM eq. (11), φ(x_t, ε, t, t−δ). A cut grid
+    (img2img) runs as diffusers runs a cut PNDMScheduler: the same counter logic on what is left."""
     ac, ts, pt, stride = grid.alphas_cumprod, grid.timesteps.tolist(), cfg.prediction_type, grid.stride
     if ac[ts[0]] == 0:
         raise ValueError("PNDM's transfer divides by ᾱ_t, which is 0 at the first step with "
@@ -161,11 +168,9 @@ def pndm(model_fn: ModelFn, x: torch.Tensor, grid: Grid, cfg: ScheduleConfig, *,
                          "SD's configs set); this model's scheduler asks for PRK warm-up steps, "
                          "which ldm doesn't implement: name another sampler")
     final_alpha = _final_alpha(grid, cfg)
-    # model calls at t_0, t_1, t_1, t_2, …: the second redoes step t_0 -> t_1 (diffusers' plms_timesteps)
-    calls = ts[:1] + ts[1:2] + ts[1:]
     history: list[torch.Tensor] = []                  # past model outputs, newest last (at most 4)
     x_start = None
-    for n, t_model in enumerate(calls):
+    for n, t_model in enumerate(ts):   # pndm_grid's t_0, t_1, t_1, t_2, …: call 1 redoes step 0
         out = model_fn(x, _t_batch(t_model, x, torch.long))
         pred_x0 = eps_and_x0_at(out, x, float(ac[t_model]), pt)[1]
         if n == 1:   # redo step 1 from x_T with the mean output (Heun); diffusers-compat: it runs
@@ -183,8 +188,9 @@ def pndm(model_fn: ModelFn, x: torch.Tensor, grid: Grid, cfg: ScheduleConfig, *,
         # PNDM eq. (11): x_{t−δ} = √(ᾱ'/ᾱ) x − (ᾱ' − ᾱ) ε / (ᾱ √(1−ᾱ') + √(ᾱ (1−ᾱ) ᾱ'))
         denom = alpha_t * math.sqrt(1 - alpha_prev) + math.sqrt(alpha_t * (1 - alpha_t) * alpha_prev)
         x = math.sqrt(alpha_prev / alpha_t) * x - ((alpha_prev - alpha_t) / denom) * eps
-        if n > 0 or len(ts) == 1:                     # the first call's Euler step is provisional
-            _after_step(x, max(n - 1, 0), t, pred_x0, callback)
+        # the first call's Euler step is provisional: call 1 redoes it (inpainting still blends it,
+        # as diffusers, since call 1's model input is that result)
+        x = _after_step(x, max(n - 1, 0), t, pred_x0, callback, k=n, provisional=n == 0 and len(ts) > 1)
     return x
 
 
@@ -210,7 +216,7 @@ def euler(D: Denoiser, x: torch.Tensor, grid: Grid, cfg: ScheduleConfig | None =
         pred_x0 = D(x, sigma, t)
         d = (_upcast(x) - pred_x0) / sigma                       # Karras eq. (1), (3): dx/dσ = (x − D)/σ
         x = _upcast(x) + d * (sigma_next - sigma)
-        _after_step(x, i, t, pred_x0, callback)
+        x = _after_step(x, i, t, pred_x0, callback)
     return x
 
 
@@ -225,7 +231,7 @@ def euler_ancestral(D: Denoiser, x: torch.Tensor, grid: Grid, cfg: ScheduleConfi
         d = (_upcast(x) - pred_x0) / sigma                       # Karras eq. (1), (3)
         x = _upcast(x) + d * (sigma_down - sigma)
         x = x + _randn_like(pred_x0, generator) * sigma_up      # drawn on every step, as diffusers
-        _after_step(x, i, t, pred_x0, callback)
+        x = _after_step(x, i, t, pred_x0, callback)
     return x
 
 
@@ -258,7 +264,7 @@ def dpmpp_2m(model_fn: ModelFn, x: torch.Tensor, grid: Grid, cfg: ScheduleConfig
                 x_new = x_new - 0.5 * (alpha_t * phi) * d1
         x = x_new.to(out.dtype)
         pred_x0_prev, h_prev = pred_x0, h
-        _after_step(x, i, t, pred_x0, callback)
+        x = _after_step(x, i, t, pred_x0, callback)
     return x
 
 
@@ -280,14 +286,14 @@ class SamplerSpec:
 SAMPLERS: dict[str, SamplerSpec] = {
     "ddpm": SamplerSpec(ddpm, vp_grid, "ddpm", generator=True),
     "ddim": SamplerSpec(ddim, vp_grid, "ddim", eta=True, generator=True),
-    "pndm": SamplerSpec(pndm, vp_grid, "pndm"),
+    "pndm": SamplerSpec(pndm, pndm_grid, "pndm"),
     "euler": SamplerSpec(euler, euler_grid, "euler", denoiser=True),
     "euler_ancestral": SamplerSpec(euler_ancestral, euler_grid, "euler_ancestral", denoiser=True, generator=True),
     "dpmpp_2m": SamplerSpec(dpmpp_2m, dpm_grid, "dpmpp_2m"),
 }
 # ComfyUI's names for the σ samplers on Karras σ's: euler_karras, euler_ancestral_karras, dpmpp_2m_karras
 SAMPLERS.update({f"{name}_karras": replace(spec, karras=True) for name, spec in SAMPLERS.items()
-                 if spec.grid is not vp_grid})
+                 if spec.grid in (euler_grid, dpm_grid)})
 
 
 def check_options(name: str, eta, karras) -> None:
@@ -309,6 +315,11 @@ def check_options(name: str, eta, karras) -> None:
                          f"name {name.removesuffix('_karras')!r} instead")
 
 
+def steps_run(name: str, num_steps: int, strength: float) -> int:
+    """How many steps `sample(name, …, strength=strength)` takes."""
+    return num_steps - first_step(num_steps, strength)
+
+
 def effective_name(name: str, schedule: ScheduleConfig, karras: bool | None = None) -> str:
     """The registry name `sample(name, …, karras=karras)` runs, e.g. "dpmpp_2m_karras": karras=None
     follows the schedule's use_karras_sigmas where the sampler's diffusers class reads it. What a
@@ -320,18 +331,50 @@ def effective_name(name: str, schedule: ScheduleConfig, karras: bool | None = No
 
 def sample(name: str, model_fn: ModelFn, noise: torch.Tensor, schedule: ScheduleConfig, num_steps: int, *,
            eta: float = 0.0, karras: bool | None = None, generator: torch.Generator | None = None,
-           callback=None) -> torch.Tensor:
+           callback=None, init: torch.Tensor | None = None, strength: float = 1.0,
+           keep: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Run sampler `name` from unit-variance `noise` (B, C, h, w) for num_steps; returns x0 (B, C, h, w).
     Settings the schedule leaves unset take the defaults of the sampler's diffusers class; karras picks
     the `_karras` row, None following the schedule as `effective_name` says (formats/diffusers_scheduler.py).
-    The callback gets dict(i, t, x, pred_x0) after each step, x being the updated latents."""
+    The callback gets dict(i, t, x, pred_x0) after each step, x being the updated latents.
+    Image conditioning, as diffusers' img2img / inpaint pipelines: `strength` < 1 runs only the last
+    int(num_steps · strength) steps (SDEdit); `init` latents start there noised by `noise` (else the
+    noise alone starts, at the grid's init σ); `keep` = (known latents, mask) puts the known latents,
+    noised to the next step's level, back where mask == 0 after every step (4-channel inpainting)."""
     check_options(name, eta, karras)
     spec = SAMPLERS[effective_name(name, schedule, karras)]
     cfg = resolve(schedule, spec.scheduler)
     check_prediction_type(cfg.prediction_type)
-    grid = spec.grid(num_steps, cfg, karras=spec.karras)
+    grid = spec.grid(num_steps, cfg, karras=spec.karras).last(num_steps, strength)
+    x = noise * grid.init_sigma if init is None else grid.noised(init, noise, 0)
+    callback = _each_step(callback, None if keep is None else _blend(grid, *keep, noise))
     model = denoiser(model_fn, cfg.prediction_type) if spec.denoiser else model_fn
     options = dict(eta=eta) if spec.eta else {}
     if spec.generator:
         options["generator"] = generator
-    return spec.step(model, noise * grid.init_sigma, grid, cfg, callback=callback, **options)
+    return spec.step(model, x, grid, cfg, callback=callback, **options)
+
+
+def _each_step(callback, blend):
+    """What the step functions call after each step: the user's callback (steps only, not PNDM's
+    provisional first result), then the blend, whose latents the sampler goes on from."""
+    if blend is None and callback is None:
+        return None
+
+    def after(d: dict):
+        if callback is not None and not d["provisional"]:
+            callback(d)
+        return None if blend is None else blend(d)
+    return after
+
+
+def _blend(grid: Grid, known: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor):
+    """(1 − mask) · known noised to the next grid level (clean after the last step) + mask · x, as
+    diffusers' StableDiffusionInpaintPipeline with a 4-channel UNet."""
+    last = len(grid.timesteps) - 1
+
+    def blend(d: dict) -> torch.Tensor:
+        k, x = d["k"], d["x"]
+        proper = known if k == last else grid.noised(known, noise, k + 1)
+        return ((1 - mask) * proper + mask * x).to(x.dtype)
+    return blend

@@ -65,10 +65,12 @@ class UNetModel(nn.Module):
         def res(cin, cout):
             return ResBlock(cin, emb_ch, cout, g, cfg.use_scale_shift_norm)
 
-        def attn(ch):
+        def attn(ch, level):  # level None: the middle block
             heads, dim_head = cfg.heads_at(ch)
+            no_self = (cfg.disable_middle_self_attn if level is None else
+                       bool(cfg.disable_self_attentions and cfg.disable_self_attentions[level]))
             return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim,
-                                      cfg.use_linear_in_transformer, g)
+                                      cfg.use_linear_in_transformer, g, no_self)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
         if cfg.num_classes is not None:
@@ -81,7 +83,7 @@ class UNetModel(nn.Module):
                 layers = [res(ch, mult * mc)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(attn(ch))
+                    layers.append(attn(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_chans.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -89,7 +91,7 @@ class UNetModel(nn.Module):
                 skip_chans.append(ch)
                 ds *= 2
 
-        self.middle_block = TimestepEmbedSequential(res(ch, ch), attn(ch), res(ch, ch))
+        self.middle_block = TimestepEmbedSequential(res(ch, ch), attn(ch, None), res(ch, ch))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -97,7 +99,7 @@ class UNetModel(nn.Module):
                 layers = [res(ch + skip_chans.pop(), mc * mult)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
-                    layers.append(attn(ch))
+                    layers.append(attn(ch, level))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2

@@ -14,7 +14,7 @@ from ldm.formats.diffusers_configs import unet_config_to_diffusers, vae_config_t
 from ldm.formats.diffusers_scheduler import schedule_from_diffusers, schedule_to_diffusers
 from ldm.formats.original import infer_config, to_original
 from ldm.cli import main as cli
-from ldm.config import sd15, sd21
+from ldm.presets import sd15, sd21
 
 DATA = Path(__file__).parent / "data"
 

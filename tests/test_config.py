@@ -8,7 +8,8 @@ import pytest
 
 from ldm.formats.files import read_safetensors
 from ldm.cli import main as cli
-from ldm.config import LDMConfig, apply_overrides, from_dict, load_yaml, save_yaml, sd15, sd21, tiny
+from ldm.config import LDMConfig, apply_overrides, from_dict, load_yaml, save_yaml
+from ldm.presets import sd15, sd21, tiny
 from ldm.training.config import TrainConfig
 from tiny_models import FAMILIES
 

@@ -11,7 +11,8 @@ import torch
 
 from ldm import Pipeline, checkpoint
 from ldm.cli import main as cli
-from ldm.config import save_yaml, sd15, sd21
+from ldm.config import save_yaml
+from ldm.presets import sd15, sd21
 from ldm.formats import diffusers_folder, files
 from ldm.formats.diffusers_configs import text_config_from_diffusers
 
@@ -295,7 +296,6 @@ def test_missing_or_invalid_config_value_is_named(saved, tmp_path, part, key, va
 
 
 @pytest.mark.parametrize("part,key,value", [
-    ("unet", "only_cross_attention", True), ("unet", "only_cross_attention", [True, False]),
     ("unet", "dual_cross_attention", True), ("unet", "class_embed_type", "timestep"),
     ("unet", "time_embedding_type", "fourier"), ("unet", "mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
     ("unet", "attention_type", "gated"), ("unet", "cross_attention_norm", "group_norm"),

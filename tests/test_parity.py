@@ -125,7 +125,7 @@ def test_diffusers_made_models_load_into_ldm(tmp_path):
 @pytest.mark.slow
 def test_full_sd15_size_parity():
     """The real SD1.5 architecture (859M-parameter UNet) on random weights: UNet, VAE, text."""
-    from ldm.config import sd15
+    from ldm.presets import sd15
     from ldm.interop import to_diffusers
     from tiny_models import random_model
     pipe = Pipeline(random_model(sd15()))

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from ldm import checkpoint
-from ldm.config import tiny
+from ldm.presets import tiny
 from ldm.diffusion import LatentDiffusion
 from ldm.pipeline import Pipeline
 from ldm.training import hooks

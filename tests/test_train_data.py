@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
-from ldm.config import tiny
+from ldm.presets import tiny
 from ldm.training.config import TrainConfig, VAETrainConfig, load_train_config
 from ldm.training.data import ImageCaptionDataset, caption_collate, load_image, scan_folder, split_holdout
 from ldm.training.optim import lr_factor

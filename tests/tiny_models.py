@@ -4,7 +4,7 @@ from dataclasses import replace
 import torch
 
 from ldm import LatentDiffusion
-from ldm.config import sd21, tiny
+from ldm.presets import sd21, tiny, x4_upscaler
 
 
 def tiny_sd1():
@@ -20,6 +20,25 @@ def tiny_sd2():
                    text_encoder=replace(cfg.text_encoder, hidden_size=32, num_layers=3, num_heads=2,
                                         intermediate_size=37, projection_dim=32),
                    sample_size=32, default_steps=4)
+
+
+def tiny_inpaint(family: str = "sd1"):
+    """A SD1.5-inpainting / SD2-inpainting layout: [latents, mask, masked-image latents] in (9 channels)."""
+    cfg = FAMILIES[family]()
+    return replace(cfg, unet=replace(cfg.unet, in_channels=2 * cfg.unet.out_channels + 1))
+
+
+def tiny_upscaler(context_dim: int = 48):
+    """The x4 upscaler's layout at tiny widths: latents + low-res RGB in (7 channels), noise_level as class
+    label, attn1 attending to the text on level 0 (its width, 32, unlike the context's: shapes tell), a
+    3-level f=4 autoencoder, and the x4's schedules, scale factor and max_noise_level."""
+    x4, base = x4_upscaler(), tiny_sd2()
+    unet = replace(base.unet, in_channels=7, attention_resolutions=(2, 1), num_classes=1000, num_heads=2,
+                   num_head_channels=-1, context_dim=context_dim, disable_self_attentions=(True, False))
+    return replace(x4, unet=unet,
+                   autoencoder=replace(base.autoencoder, ch_mult=(1, 2, 2), scale_factor=x4.autoencoder.scale_factor),
+                   text_encoder=replace(base.text_encoder, hidden_size=context_dim, projection_dim=context_dim),
+                   sample_size=64, default_steps=4)
 
 
 def random_model(cfg, seed=0) -> LatentDiffusion:

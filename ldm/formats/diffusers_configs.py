@@ -31,10 +31,10 @@ UNET_KEYS = ConfigKeys(  # diffusers' UNet2DConditionModel.__init__
         # its default AttnProcessor2_0 ignores it, and like ldm/attention.py calls
         # F.scaled_dot_product_attention, whose fused kernels accumulate both in float32 anyway. In
         # float32 it changes nothing. So both values are what ldm computes.
-        "upcast_attention"}),
+        "upcast_attention", "only_cross_attention"}),
     fixed={"center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0,
-           "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
-           "mid_block_only_cross_attention": (None, False), "downsample_padding": 1,
+           "mid_block_type": "UNetMidBlock2DCrossAttn", "mid_block_only_cross_attention": (None, False),
+           "downsample_padding": 1,
            "mid_block_scale_factor": 1, "dropout": 0.0, "act_fn": "silu", "norm_eps": 1e-5,
            "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
            "num_attention_heads": None, "dual_cross_attention": False, "class_embed_type": None,
@@ -197,6 +197,10 @@ def unet_config_from_diffusers(d: dict, vae_factor: int, where: str = "unet conf
     else:
         raise c.invalid("attention_head_dim", "one head count for every block, or one head width (channels / heads)")
     c.choice("upcast_attention", (False, True), False)  # what ldm computes either way: see UNET_KEYS
+    only = c.get("only_cross_attention", False)  # per block (the x4 upscaler) or for all blocks
+    only = [only] * n if isinstance(only, bool) else only
+    if not isinstance(only, list) or len(only) != n or not all(isinstance(v, bool) for v in only):
+        raise c.invalid("only_cross_attention", f"true, false or a list of {n} of them (one per block)")
     cfg = c.build(
         UNetConfig, in_channels=c.integer("in_channels"), out_channels=c.integer("out_channels"), model_channels=mc,
         channel_mult=tuple(b // mc for b in boc), num_res_blocks=c.uniform("layers_per_block"),
@@ -204,13 +208,16 @@ def unet_config_from_diffusers(d: dict, vae_factor: int, where: str = "unet conf
         transformer_depth=c.uniform("transformer_layers_per_block", 1),
         context_dim=c.uniform("cross_attention_dim"),
         use_linear_in_transformer=c.choice("use_linear_projection", (False, True), False),
-        num_classes=c.integer("num_class_embeds", None),
+        num_classes=c.integer("num_class_embeds", None), disable_self_attentions=tuple(only) if any(only) else None,
         use_scale_shift_norm=c.choice("resnet_time_scale_shift", ("default", "scale_shift"), "default") == "scale_shift",
         norm_groups=c.integer("norm_num_groups", 32), **head_kw)
     return cfg, c.integer("sample_size", 64) * vae_factor
 
 
 def unet_config_to_diffusers(cfg: UNetConfig, latent_size: int) -> dict:
+    if cfg.disable_middle_self_attn:
+        raise ValueError("diffusers' UNetMidBlock2DCrossAttn always self-attends (disable_middle_self_attn is "
+                         "set): this UNet can't be exported to diffusers; save as 'ldm' or 'original'")
     n = len(cfg.channel_mult)
     boc = [cfg.model_channels * m for m in cfg.channel_mult]
     has_attn = [2 ** i in cfg.attention_resolutions for i in range(n)]
@@ -226,6 +233,7 @@ def unet_config_to_diffusers(cfg: UNetConfig, latent_size: int) -> dict:
         "up_block_types": [("CrossAttnUpBlock2D" if a else "UpBlock2D") for a in reversed(has_attn)],
         "use_linear_projection": cfg.use_linear_in_transformer,
         "transformer_layers_per_block": cfg.transformer_depth, "num_class_embeds": cfg.num_classes,
+        "class_embed_type": None, "only_cross_attention": list(cfg.disable_self_attentions or ()) or False,
         "resnet_time_scale_shift": "scale_shift" if cfg.use_scale_shift_norm else "default",
     }
 

@@ -2,10 +2,13 @@
 config, and its weights read into and written from our module's state dict."""
 from __future__ import annotations
 
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 from .. import text
-from ..config import LDMConfig, ScheduleConfig, TextEncoderConfig
+from ..config import AutoencoderConfig, LDMConfig, ScheduleConfig, TextEncoderConfig
+from ..presets import x4_upscaler
 from . import diffusers_keys
 from .diffusers_configs import (text_config_from_diffusers, unet_config_from_diffusers, unet_config_to_diffusers,
                                 vae_config_from_diffusers, vae_config_to_diffusers)
@@ -61,8 +64,48 @@ def diffusers_config(folder: Path) -> LDMConfig:
     sched_path = folder / "scheduler" / "scheduler_config.json"
     sched, sampler = (schedule_from_diffusers(read_json(sched_path), str(sched_path)) if sched_path.is_file()
                       else (ScheduleConfig(), "ddim"))
-    return LDMConfig(unet=unet_cfg, autoencoder=vae_cfg, text_encoder=text_cfg, schedule=sched, sample_size=size,
-                     default_sampler=sampler)
+    parts = _upscaler_config(folder, index, vae_cfg)
+    try:
+        return LDMConfig(unet=unet_cfg, text_encoder=text_cfg, schedule=sched, sample_size=size,
+                         default_sampler=sampler, **parts)
+    except ValueError as e:
+        raise ValueError(f"{folder}: {e}") from e
+
+
+def _upscaler_config(folder: Path, index: dict, vae: AutoencoderConfig) -> dict:
+    """The autoencoder, and for a StableDiffusionUpscalePipeline folder its low_res_schedule and max_noise_level."""
+    if "low_res_scheduler" not in index:
+        if index.get("_class_name") == UPSCALE:
+            raise ValueError(f"{folder}/model_index.json: a {UPSCALE} names no low_res_scheduler")
+        return {"autoencoder": vae}
+    path = folder / "low_res_scheduler" / "scheduler_config.json"
+    level = index.get("max_noise_level", 350)  # the pipeline's default
+    if not isinstance(level, int) or isinstance(level, bool):
+        raise ValueError(f"{folder}/model_index.json: max_noise_level={level!r} is invalid: expected an integer")
+    scale = x4_upscaler().autoencoder.scale_factor  # diffusers' upscale pipeline sets it, absent or not
+    if read_json(folder / "vae" / "config.json").get("scaling_factor", scale) != scale:
+        warnings.warn(f"{folder}/vae/config.json: scaling_factor={vae.scale_factor}: {UPSCALE} uses {scale} "
+                      f"whatever the file says, and so does ldm")
+    return {"autoencoder": replace(vae, scale_factor=scale), "max_noise_level": level,
+            "low_res_schedule": schedule_from_diffusers(read_json(path), str(path))[0]}
+
+
+UPSCALE = "StableDiffusionUpscalePipeline"
+# the diffusers pipeline of each kind of model (LDMConfig.image_conditioning)
+PIPELINES = {None: "StableDiffusionPipeline", "inpaint": "StableDiffusionInpaintPipeline", "upscale": UPSCALE}
+
+
+def _model_index(cfg: LDMConfig, scheduler: str, text_encoder: str, version: dict) -> dict:
+    """model_index.json: the pipeline class of the model's kind and its components."""
+    kind = cfg.image_conditioning
+    out = {"_class_name": PIPELINES[kind], **version, "feature_extractor": [None, None],
+           "safety_checker": [None, None], "scheduler": ["diffusers", scheduler],
+           "text_encoder": ["transformers", text_encoder], "tokenizer": ["transformers", "CLIPTokenizer"],
+           "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    if kind == "upscale":
+        return {**out, "low_res_scheduler": ["diffusers", "DDPMScheduler"], "max_noise_level": cfg.max_noise_level,
+                "watermarker": [None, None]}
+    return {**out, "image_encoder": [None, None], "requires_safety_checker": False}
 
 
 def load_diffusers(folder: Path, allow_pickle: bool = False) -> tuple[LDMConfig, dict]:
@@ -86,6 +129,10 @@ def save_diffusers(sd: dict, cfg: LDMConfig, folder: Path) -> None:
              "vae": (diffusers_keys.vae_to_diffusers(split(sd, VAE), cfg.autoencoder),
                      {**vae_config_to_diffusers(cfg.autoencoder, cfg.sample_size), **version})}
     scheduler = schedule_to_diffusers(cfg.schedule, cfg.default_sampler)
+    index = _model_index(cfg, scheduler["_class_name"], te_config["architectures"][0], version)
+    configs = {"scheduler": scheduler}
+    if cfg.low_res_schedule is not None:
+        configs["low_res_scheduler"] = schedule_to_diffusers(cfg.low_res_schedule, "ddpm")
     # the save replaces the whole folder: never one that isn't a model (a typo'd home directory)
     if folder.exists() and not (folder / "model_index.json").is_file() and \
             not (folder.is_dir() and not any(folder.iterdir())):
@@ -98,15 +145,9 @@ def save_diffusers(sd: dict, cfg: LDMConfig, folder: Path) -> None:
             write_json(config, tmp / name / "config.json")
         write_safetensors(te_sd, tmp / "text_encoder" / "model.safetensors", {"format": "pt"})
         write_json(te_config, tmp / "text_encoder" / "config.json")
-        write_json({**scheduler, **version}, tmp / "scheduler" / "scheduler_config.json")
+        for name, config in configs.items():
+            write_json({**config, **version}, tmp / name / "scheduler_config.json")
         text.save_hf_tokenizer(tmp / "tokenizer", cfg.text_encoder.pad_with, cfg.text_encoder.max_length)
-        write_json({"_class_name": "StableDiffusionPipeline", **version,
-                     "feature_extractor": [None, None], "safety_checker": [None, None],
-                     "image_encoder": [None, None], "requires_safety_checker": False,
-                     "scheduler": ["diffusers", scheduler["_class_name"]],
-                     "text_encoder": ["transformers", te_config["architectures"][0]],
-                     "tokenizer": ["transformers", "CLIPTokenizer"],
-                     "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]},
-                    tmp / "model_index.json")
+        write_json(index, tmp / "model_index.json")
 
     atomic_write_dir(folder, write)

@@ -8,6 +8,7 @@ UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_mo
 # Keys an original checkpoint may carry that the model does not own, and why.
 IGNORED = (
     re.compile(r"^(betas|alphas_cumprod.*|sqrt_.*|log_one_minus.*|posterior_.*|lvlb_weights|logvar)$"),  # schedule buffers, recomputed
+    re.compile(r"^low_scale_model\."),                  # the x4 upscaler's low-res noise schedule (low_res_schedule)
     re.compile(r"^model_ema\."),                          # EMA copy (extracted with use_ema=True)
     re.compile(rf"^{re.escape(VAE)}loss\."),              # VAE training losses (LPIPS, discriminator)
     re.compile(rf"^{re.escape(TEXT)}.*position_ids$"),    # old transformers buffer

@@ -4,9 +4,11 @@ from its tensor shapes."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from .. import text
 from ..config import AutoencoderConfig, LDMConfig, ScheduleConfig, TextEncoderConfig, UNetConfig
+from ..presets import x4_upscaler
 from .keys import IGNORED, TEXT, UNET, VAE, split
 
 
@@ -32,11 +34,26 @@ def to_original(sd: dict, cfg: LDMConfig) -> dict:
     return _map_text(sd, text.clip_ours_to_original) if cfg.text_encoder.kind == "clip" else sd
 
 
-# What an original file's shapes can't tell, the attention heads, is known for the SD families whose
-# widths identify them, and assumed for no other model (a guess would load and draw something else).
+# What an original file's shapes can't tell -- the attention heads, and whether attn1 attends to the
+# text where a transformer is as wide as the context -- is known for the SD families whose widths
+# identify them, and assumed for no other model (a guess would load and draw something else).
 TEXT_HEADS = {("clip", 768): 12, ("openclip", 1024): 16}  # SD1: CLIP ViT-L/14; SD2: OpenCLIP ViT-H/14
-UNET_HEADS = {768: {"num_heads": 8, "num_head_channels": -1},     # SD1 (by context_dim)
-              1024: {"num_heads": -1, "num_head_channels": 64}}   # SD2
+_SELF = {"disable_self_attentions": None, "disable_middle_self_attn": False}  # SD1 and SD2 self-attend
+UNET_HEADS = {768: {"num_heads": 8, "num_head_channels": -1, **_SELF},     # SD1 (by context_dim)
+              1024: {"num_heads": -1, "num_head_channels": 64, **_SELF}}   # SD2
+UNET_ARCH = ("in_channels", "model_channels", "channel_mult", "attention_resolutions", "context_dim", "num_classes")
+
+
+def _upscaler_family(unet: dict) -> tuple[dict, dict]:
+    """(UNet settings, LDMConfig settings) an upscaler's original file doesn't hold (the latents and the
+    low-res image in, noise_level as class label: SD's x4 upscaler is the one such model), from x4_upscaler();
+    its heads and attn1 flags only for a UNet of the x4's widths."""
+    x4 = x4_upscaler()
+    same = all(unet[k] == getattr(x4.unet, k) for k in UNET_ARCH)
+    heads = {k: getattr(x4.unet, k) for k in ("num_heads", "num_head_channels", *_SELF)} if same else {}
+    rest = {k: getattr(x4, k) for k in ("schedule", "sample_size", "low_res_schedule", "max_noise_level",
+                                        "default_steps", "default_guidance_scale")}
+    return heads, {**rest, "scale_factor": x4.autoencoder.scale_factor}
 
 
 def _text_family(sd: dict) -> tuple[str, int]:
@@ -76,7 +93,38 @@ def _count(sd: dict, pattern: str) -> int:
     return len({m.group(1) for k in sd if (m := rx.match(k))})
 
 
-def infer_unet_config(sd: dict, heads: dict) -> UNetConfig:
+def _reads_text(u: dict, block: str, context_dim: int) -> bool | None:
+    """Whether attn1 of the transformers at `block` attends to the context (disable_self_attn): its to_k
+    takes the context's width, not the block's; None where the two are the same."""
+    inner, width = u[f"{block}.transformer_blocks.0.attn1.to_k.weight"].shape
+    return None if inner == context_dim else int(width) == context_dim
+
+
+def _attn1_flags(u: dict, blocks: dict, levels: int, context_dim: int, known: dict) -> dict:
+    """disable_self_attentions and disable_middle_self_attn from the shapes; what they can't tell, and the
+    levels without attention, from `known` (the overrides or the family's), else a ValueError."""
+    found = {i: _reads_text(u, b, context_dim) for i, b in blocks.items()}
+    mid = _reads_text(u, "middle_block.1", context_dim)
+    given = known.get("disable_self_attentions", ())
+    if "disable_self_attentions" in known and given is None:
+        given = (False,) * levels
+    if len(given or ()) == levels:
+        found = {i: given[i] if found.get(i) is None else found[i] for i in range(levels)}
+    mid = known.get("disable_middle_self_attn") if mid is None else mid
+    unknown = [f"level {i}" for i, v in found.items() if v is None] + (["the middle block"] if mid is None else [])
+    if unknown:
+        raise ValueError(f"the tensor shapes don't tell whether the transformers of {' and '.join(unknown)} attend to "
+                         f"themselves or to the text first (they are as wide as the context, {context_dim}): pass "
+                         f"disable_self_attentions / disable_middle_self_attn, or the model's config (ldm "
+                         f"generate/convert --config PATH)")
+    attn = sorted(found)  # a level without attention takes the next attention level's flag (the x4's level 0: True)
+    flags = tuple(found[i] if i in found else found[next((j for j in attn if j > i), attn[-1])]
+                  for i in range(levels)) if attn else ()
+    return {"disable_self_attentions": flags if any(flags) else None, "disable_middle_self_attn": mid}
+
+
+def _unet_shapes(sd: dict) -> tuple[dict, dict]:
+    """(the UNetConfig fields the shapes tell, {level: its first transformer's key prefix})."""
     u = split(sd, UNET)
     if "input_blocks.0.0.weight" not in u:
         raise ValueError("no UNet weights (model.diffusion_model.*) in this checkpoint")
@@ -85,20 +133,27 @@ def infer_unet_config(sd: dict, heads: dict) -> UNetConfig:
     n_out = _count(u, r"output_blocks\.(\d+)\.")
     nrb = downs[0] - 1 if downs else n_out - 1
     levels = n_out // (nrb + 1)
-    mult = tuple(int(u[f"input_blocks.{1 + i * (nrb + 1)}.0.out_layers.3.weight"].shape[0]) // mc
-                 for i in range(levels))
-    attn = tuple(2 ** i for i in reversed(range(levels)) if f"input_blocks.{1 + i * (nrb + 1)}.1.norm.weight" in u)
+    blocks = {i: f"input_blocks.{1 + i * (nrb + 1)}.1" for i in range(levels)
+              if f"input_blocks.{1 + i * (nrb + 1)}.1.norm.weight" in u}
     ch0 = int(u["input_blocks.1.0.out_layers.3.weight"].shape[0])
-    return UNetConfig(
+    return dict(
         in_channels=int(cin), out_channels=int(u["out.2.weight"].shape[0]), model_channels=int(mc),
-        channel_mult=mult, num_res_blocks=nrb, attention_resolutions=attn,
-        transformer_depth=_count(u, r"middle_block\.1\.transformer_blocks\.(\d+)\."),
-        context_dim=_context_dim(sd),
+        channel_mult=tuple(int(u[f"input_blocks.{1 + i * (nrb + 1)}.0.out_layers.3.weight"].shape[0]) // mc
+                           for i in range(levels)),
+        num_res_blocks=nrb, attention_resolutions=tuple(2 ** i for i in reversed(sorted(blocks))),
+        transformer_depth=_count(u, r"middle_block\.1\.transformer_blocks\.(\d+)\."), context_dim=_context_dim(sd),
         use_linear_in_transformer=u["middle_block.1.proj_in.weight"].dim() == 2,
         num_classes=int(u["label_emb.weight"].shape[0]) if "label_emb.weight" in u else None,
-        use_scale_shift_norm=int(u["input_blocks.1.0.emb_layers.1.weight"].shape[0]) == 2 * ch0,
-        norm_groups=heads.get("norm_groups", 32),
-        num_heads=heads.get("num_heads", 8), num_head_channels=heads.get("num_head_channels", -1))
+        use_scale_shift_norm=int(u["input_blocks.1.0.emb_layers.1.weight"].shape[0]) == 2 * ch0), blocks
+
+
+def infer_unet_config(sd: dict, heads: dict) -> UNetConfig:
+    """The UNet's config from the shapes; heads: num_heads, num_head_channels, norm_groups and what
+    _attn1_flags can't tell."""
+    shapes, blocks = _unet_shapes(sd)
+    flags = _attn1_flags(split(sd, UNET), blocks, len(shapes["channel_mult"]), shapes["context_dim"], heads)
+    return UNetConfig(**shapes, **flags, norm_groups=heads.get("norm_groups", 32),
+                      num_heads=heads.get("num_heads", 8), num_head_channels=heads.get("num_head_channels", -1))
 
 
 def infer_vae_config(sd: dict, scale_factor: float, norm_groups: int = 32) -> AutoencoderConfig:
@@ -126,28 +181,37 @@ def _context_dim(sd: dict) -> int:
 
 def infer_config(sd: dict, prediction_type: str | None = None, **overrides) -> LDMConfig:
     """Config of an original SD checkpoint from its tensor shapes. What shapes can't tell is an
-    override: prediction_type ("v_prediction" for SD2.x-768), and, for a model that is not SD1 or
-    SD2 (TEXT_HEADS, UNET_HEADS), num_heads / num_head_channels (UNet) and text_num_heads."""
+    override: prediction_type ("v_prediction" for SD2.x-768), and, for a model that is not SD1, SD2 or
+    the x4 upscaler (TEXT_HEADS, UNET_HEADS, _upscaler_family), num_heads / num_head_channels (UNet),
+    text_num_heads, and disable_self_attentions / disable_middle_self_attn where the shapes can't tell."""
     kind, width = _text_family(sd)
-    context_dim = _context_dim(sd)
+    shapes, _ = _unet_shapes(sd)
+    context_dim = shapes["context_dim"]
+    upscaler = shapes["num_classes"] is not None and shapes["in_channels"] == shapes["out_channels"] + 3  # + RGB
+    family, rest = _upscaler_family(shapes) if upscaler else (UNET_HEADS.get(context_dim, {}), {})
     text_heads = overrides.pop("text_num_heads", None) or TEXT_HEADS.get((kind, width))
-    heads = {k: overrides.pop(k) for k in ("num_heads", "num_head_channels") if k in overrides}
-    heads = dict(heads or UNET_HEADS.get(context_dim, {}))
-    unknown = ([] if heads else [f"the UNet's attention heads (its context_dim is {context_dim}: SD1's 768 has "
-                                 f"num_heads=8, SD2's 1024 num_head_channels=64)"]) + \
+    head_keys = ("num_heads", "num_head_channels")
+    heads = ({k: overrides.pop(k) for k in head_keys if k in overrides} or
+             {k: family[k] for k in head_keys if k in family})
+    heads.update({k: overrides.pop(k, family.get(k)) for k in _SELF if k in overrides or k in family})
+    unknown = ([] if set(head_keys) & set(heads) else
+               [f"the UNet's attention heads (its context_dim is {context_dim}: SD1's 768 has num_heads=8, SD2's "
+                f"1024 num_head_channels=64, the x4 upscaler's num_heads=8)"]) + \
               ([] if text_heads else [f"the text encoder's heads (a {kind} encoder of width {width}: SD1's CLIP "
                                       f"ViT-L (768) has 12, SD2's OpenCLIP ViT-H (1024) 16)"])
     if unknown:
-        raise ValueError(f"the tensor shapes don't tell {' nor '.join(unknown)}, and this is not a SD1 or SD2 "
-                         f"checkpoint. Pass the model's config: config= an LDMConfig, an ldm .yaml/.json config "
-                         f"file or the model's diffusers folder (ldm generate/convert --config PATH)")
+        raise ValueError(f"the tensor shapes don't tell {' nor '.join(unknown)}, and this is not a SD1, SD2 or x4 "
+                         f"upscaler checkpoint. Pass the model's config: config= an LDMConfig, an ldm .yaml/.json "
+                         f"config file or the model's diffusers folder (ldm generate/convert --config PATH)")
     heads["norm_groups"] = overrides.pop("norm_groups", 32)
     text_cfg = _text_config_from_original(sd, text_heads)
     unet = infer_unet_config(sd, heads)
-    vae = infer_vae_config(sd, overrides.pop("scale_factor", 0.18215), heads["norm_groups"])
-    pt = prediction_type or "epsilon"
-    size = overrides.pop("sample_size", 768 if pt == "v_prediction" and kind == "openclip" else 512)
+    vae = infer_vae_config(sd, overrides.pop("scale_factor", rest.pop("scale_factor", 0.18215)), heads["norm_groups"])
+    schedule = rest.pop("schedule", ScheduleConfig())
+    pt = prediction_type or schedule.prediction_type
+    rest["sample_size"] = overrides.pop("sample_size", rest.get("sample_size", 768 if pt == "v_prediction" and
+                                                                 kind == "openclip" else 512))
     if overrides:
         raise TypeError(f"unknown override(s) {sorted(overrides)}")
-    return LDMConfig(unet=unet, autoencoder=vae, text_encoder=text_cfg,
-                     schedule=ScheduleConfig(prediction_type=pt), sample_size=size)
+    return LDMConfig(unet=unet, autoencoder=vae, text_encoder=text_cfg, schedule=replace(schedule, prediction_type=pt),
+                     **rest)

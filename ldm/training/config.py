@@ -12,8 +12,9 @@ import functools
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
-from ..config import (PRESETS, RETIRED, AutoencoderConfig, LDMConfig, TextEncoderConfig, UNetConfig,
-                      apply_overrides, from_dict, read_yaml, require, tiny)
+from ..config import (RETIRED, AutoencoderConfig, LDMConfig, TextEncoderConfig, UNetConfig, apply_overrides,
+                      from_dict, read_yaml, require)
+from ..presets import PRESETS, tiny
 
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("", "no", "fp16", "bf16")
