@@ -35,10 +35,19 @@ def png_parameters(info: dict, model_name: str, hash_: str) -> dict[str, str]:
         lines[-1] += f", CFG rescale: {info['guidance_rescale']}"
     if info.get("regions"):
         lines[-1] += f", Regions: {len(info['regions'])}"
+    if info.get("strength") is not None:       # A1111's img2img / inpainting / hires fields
+        lines[-1] += f", Denoising strength: {info['strength']}, Steps run: {info['steps_run']}"
+    if info.get("hires"):
+        lines[-1] += f", Hires upscale: {info['hires']}, Hires upscaler: Lanczos"
+    if info.get("noise_level") is not None:
+        lines[-1] += f", Noise level: {info['noise_level']}"
     fields = {k: str(info[k]) for k in ("prompt", "negative_prompt", "seed", "steps", "guidance_scale",
                                         "sampler", "height", "width", "batch_index")}
     fields["guidance_rescale"] = str(info.get("guidance_rescale", 0.0))
     fields["regions"] = json.dumps(info.get("regions", []))
+    for key in ("strength", "steps_run", "noise_level", "hires"):
+        if info.get(key) is not None:
+            fields[key] = str(info[key])
     return {"parameters": "\n".join(lines), **fields, "model": model_name, "model_hash": hash_}
 
 
@@ -98,7 +107,7 @@ def check_generate_args(args) -> None:
         as_float(args.scale, "--scale", 0, hint=" (1 = no guidance)")
     check_guidance_rescale(args.guidance_rescale)
     for name in ("height", "width"):
-        if getattr(args, name) is not None:
+        if getattr(args, name, None) is not None:
             as_int(getattr(args, name), f"--{name}", 1)
     if args.seed is not None:
         as_int(args.seed, "--seed", 0, 2 ** 64 - 1)
@@ -107,8 +116,27 @@ def check_generate_args(args) -> None:
     if args.sampler is not None:
         check_options(args.sampler, args.eta, args.karras)
     check_device(args.device)
-    if args.region and args.no_regions:
+    if getattr(args, "region", None) and args.no_regions:
         raise ValueError("--region and --no-regions contradict each other: give one")
+    if getattr(args, "strength", None) is not None:
+        as_float(args.strength, "--strength", 1e-9, 1.0, hint=" (the share of the steps run from the image)")
+    if getattr(args, "mask", None) and not args.image:
+        raise ValueError("--mask needs --image (the picture to inpaint)")
+    if getattr(args, "hires", None) is not None:
+        as_float(args.hires, "--hires", 1.0, 8.0, hint=" (the factor the first pass is upscaled by)")
+        if args.image:
+            raise ValueError("--hires is for text-to-image; with --image, pass the size you want instead")
+
+
+def read_image(path: str, what: str, mode: str | None = "RGB"):
+    """An image file, read fully now (before the model loads); RGB unless mode is None."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert(mode) if mode else im.copy()
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"{what} {path}: can't read it as an image ({e})") from e
 
 
 def parse_region(text: str):
@@ -126,6 +154,8 @@ def parse_region(text: str):
 
 
 def cmd_generate(args) -> int:
+    """`ldm generate`, `ldm upscale` and `ldm outpaint`: one loop over batches of -n, each command
+    only choosing what one batch calls (`_draw`)."""
     import torch
     from tqdm import tqdm
 
@@ -133,29 +163,44 @@ def cmd_generate(args) -> int:
     check_generate_args(args)
     paths = output_paths(Path(args.output), args.n)
     check_outputs(paths)
+    image = read_image(args.image, "--image" if args.command == "generate" else "input") if args.image else None
+    mask = read_image(args.mask, "--mask", mode=None) if getattr(args, "mask", None) else None
     regions = [parse_region(r) for r in args.region] if args.region else None if args.no_regions else "auto"
     model = Path(args.model) if args.model else default_model_path()
     pipe = Pipeline.from_pretrained(model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
                                     prediction_type=args.prediction_type, allow_pickle=args.allow_pickle,
                                     config=args.config)
-    steps = pipe.config.default_steps if args.steps is None else args.steps
     hash_ = model_hash(model)
     # -n in batches of --batch-size, batch k seeded seed + k: memory stays that of one batch, and
     # every image is on disk as soon as its batch is done
     seed = random.randrange(2 ** 32) if args.seed is None else args.seed
     batches = [paths[i:i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
-    with tqdm(total=steps * len(batches), desc="sampling", unit="step", disable=args.quiet) as bar:
+    with tqdm(desc="sampling", unit="step", disable=args.quiet) as bar:
         for k, batch in enumerate(batches):
-            images = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps,
-                          guidance_scale=args.scale, guidance_rescale=args.guidance_rescale,
-                          height=args.height, width=args.width, seed=seed + k,
-                          sampler=args.sampler, karras=args.karras,
-                          eta=args.eta, num_images_per_prompt=len(batch), regions=regions,
-                          callback=lambda d: bar.update(1))
-            for i, (image, path) in enumerate(zip(images, batch)):
-                save_image(image, path, png_parameters(images.request.record(i), model.name, hash_))
+            kw = dict(negative_prompt=args.negative, steps=args.steps, guidance_scale=args.scale,
+                      guidance_rescale=args.guidance_rescale, seed=seed + k, sampler=args.sampler,
+                      karras=args.karras, eta=args.eta, num_images_per_prompt=len(batch), regions=regions,
+                      callback=lambda d: bar.update(1))
+            images = _draw(args, pipe, image, mask, kw)
+            for i, (im, path) in enumerate(zip(images, batch)):
+                info = dict(images.request.record(i), hires=getattr(args, "hires", None))
+                save_image(im, path, png_parameters(info, model.name, hash_))
                 print(path)
     return 0
+
+
+def _draw(args, pipe, image, mask, kw):
+    """One batch of the command's images."""
+    from .recipes import hires, outpaint
+    if args.command == "upscale":
+        return pipe(args.prompt, image=image, noise_level=args.noise_level, **kw)
+    if args.command == "outpaint":
+        return outpaint(pipe, args.prompt, image, left=args.left, right=args.right, top=args.top,
+                        bottom=args.bottom, strength=args.strength, **kw)
+    kw.update(height=args.height, width=args.width)
+    if args.hires is not None:
+        return hires(pipe, args.prompt, scale=args.hires, strength=args.hires_strength, **kw)
+    return pipe(args.prompt, image=image, mask_image=mask, strength=args.strength, **kw)
 
 
 def cmd_convert(args) -> int:
@@ -180,42 +225,70 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldm", description="Latent text-to-image diffusion (Stable Diffusion family).")
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="draw images from a prompt",
-                       description="Draw images from a prompt; PNGs carry the generation parameters.")
+    common = argparse.ArgumentParser(add_help=False)        # what every drawing command takes
+    common.add_argument("-o", "--output", default="out.png",
+                        help="output .png, .jpg or .webp, with the parameters in it (numbered when -n > 1)")
+    common.add_argument("--model", help="our .safetensors, an original SD .safetensors or a diffusers folder "
+                                        "(default: the model shipped in weights/)")
+    common.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    common.add_argument("--scale", type=float, help="classifier-free guidance scale (default: the model's)")
+    common.add_argument("--guidance-rescale", type=float, default=0.0,
+                        help="CFG rescale φ in [0, 1] against overexposure at high --scale (0 = off, 0.7 typical)")
+    common.add_argument("--seed", type=int, help="random seed (default: random, written to the PNG)")
+    common.add_argument("--negative", help="negative prompt (replaces the empty prompt as the null condition)")
+    common.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: the model's)")
+    common.add_argument("--karras", action=argparse.BooleanOptionalAction,
+                        help="Karras sigmas: --sampler dpmpp_2m --karras is dpmpp_2m_karras (euler, "
+                             "euler_ancestral, dpmpp_2m; default: the model's scheduler)")
+    common.add_argument("--eta", type=float, default=0.0, help="DDIM η in [0, 1] (0 = deterministic)")
+    common.add_argument("-n", type=int, default=1, help="number of images")
+    common.add_argument("--batch-size", type=int, default=8,
+                        help="images drawn at once (default 8); batch k of -n is seeded --seed + k")
+    common.add_argument("--device", default="cpu")
+    common.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    common.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+                        help="override for original SD2.x-768 files (v_prediction), which shapes can't tell")
+    common.add_argument("--allow-pickle", action="store_true", help="allow .ckpt files (read with weights_only=True)")
+    common.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+    common.add_argument("--region", action="append", default=[], metavar="PROMPT@L,T,R,B",
+                        help="draw PROMPT in this box (fractions of the image) while the layout forms; "
+                             "repeatable; replaces the model's own layout plan")
+    common.add_argument("--no-regions", action="store_true",
+                        help="don't plan regions with the model's layout planner (the prompt alone)")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    g = sub.add_parser("generate", parents=[common], help="draw images from a prompt (or an image and a prompt)",
+                       description="Draw images from a prompt; PNGs carry the generation parameters. "
+                                   "--image: img2img; --image with --mask: inpainting.")
     g.add_argument("prompt")
-    g.add_argument("-o", "--output", default="out.png",
-                   help="output .png, .jpg or .webp, with the parameters in it (numbered when -n > 1)")
-    g.add_argument("--model", help="our .safetensors, an original SD .safetensors or a diffusers folder "
-                                   "(default: the model shipped in weights/)")
-    g.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
-    g.add_argument("--scale", type=float, help="classifier-free guidance scale (default: the model's)")
-    g.add_argument("--guidance-rescale", type=float, default=0.0,
-                   help="CFG rescale φ in [0, 1] against overexposure at high --scale (0 = off, 0.7 typical)")
-    g.add_argument("--region", action="append", default=[], metavar="PROMPT@L,T,R,B",
-                   help="draw PROMPT in this box (fractions of the image) while the layout forms; "
-                        "repeatable; replaces the model's own layout plan")
-    g.add_argument("--no-regions", action="store_true",
-                   help="don't plan regions with the model's layout planner (the prompt alone)")
-    g.add_argument("--seed", type=int, help="random seed (default: random, written to the PNG)")
-    g.add_argument("--negative", help="negative prompt (replaces the empty prompt as the null condition)")
-    g.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: the model's)")
-    g.add_argument("--karras", action=argparse.BooleanOptionalAction,
-                   help="Karras sigmas: --sampler dpmpp_2m --karras is dpmpp_2m_karras (euler, "
-                        "euler_ancestral, dpmpp_2m; default: the model's scheduler)")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM η in [0, 1] (0 = deterministic)")
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
-    g.add_argument("-n", type=int, default=1, help="number of images")
-    g.add_argument("--batch-size", type=int, default=8,
-                   help="images drawn at once (default 8); batch k of -n is seeded --seed + k")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    g.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
-                   help="override for original SD2.x-768 files (v_prediction), which shapes can't tell")
-    g.add_argument("--allow-pickle", action="store_true", help="allow .ckpt files (read with weights_only=True)")
-    g.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--image", metavar="PATH", help="img2img from this picture (the output takes its size)")
+    g.add_argument("--mask", metavar="PATH", help="with --image: inpaint where the mask is white")
+    g.add_argument("--strength", type=float,
+                   help="with --image: share of the steps run from the noised picture (default 0.8; 1.0 inpainting)")
+    g.add_argument("--hires", type=float, metavar="K",
+                   help="hires fix: draw, upscale the pixels ×K, img2img at that size (A1111's)")
+    g.add_argument("--hires-strength", type=float, default=0.5, help="the hires pass's strength (default 0.5)")
     g.set_defaults(func=cmd_generate)
+
+    u = sub.add_parser("upscale", parents=[common], help="×4 an image with an upscaler model (SD x4)",
+                       description="Upscale with an upscaler model (--model: stabilityai/stable-diffusion-"
+                                   "x4-upscaler as a diffusers folder or original file).")
+    u.add_argument("image", metavar="INPUT")
+    u.add_argument("--prompt", default="", help="what the picture shows (guides the detail)")
+    u.add_argument("--noise-level", type=int, default=20,
+                   help="how much the low-res picture is noised first (0 to the model's max, 350 for SD x4)")
+    u.set_defaults(func=cmd_generate)
+
+    o = sub.add_parser("outpaint", parents=[common], help="extend a picture beyond its borders",
+                       description="Pad the picture by the given pixels and draw the new border for PROMPT.")
+    o.add_argument("image", metavar="INPUT")
+    o.add_argument("prompt")
+    for side in ("left", "right", "top", "bottom"):
+        o.add_argument(f"--{side}", type=int, default=0, help=f"pixels to add on the {side}")
+    o.add_argument("--strength", type=float, default=1.0, help="1.0 (default) draws the border from noise")
+    o.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("convert", help="convert between checkpoint formats")
     c.add_argument("src", help="our .safetensors, an original SD .safetensors/.ckpt or a diffusers folder")
