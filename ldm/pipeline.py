@@ -18,6 +18,7 @@ from .guidance import cfg, classifier_free, only_from, prompt_rows, with_channel
 from .regions import box_mask, regional_rows
 from .request import Images, Request, as_prompts, check_request
 from .schedule import alphas_cumprod, q_sample
+from .tiling import TILE, decode_tiled
 from .samplers import sample
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "ldm-default.safetensors"
@@ -106,9 +107,15 @@ class Pipeline:
         return self.model.encode_first_stage(x.to(self.device, self.dtype), generator, sample)
 
     @torch.no_grad()
-    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> x (B, 3, H, W) in [-1, 1] (float32)."""
-        return self.model.decode_first_stage(z.to(self.device, self.dtype)).float().clamp(-1, 1)
+    def decode_latents(self, z: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
+        """Scaled latents -> x (B, 3, H, W) in [-1, 1] (float32). tiled=None: in tiles (ldm/tiling.py)
+        once the latents exceed (2·TILE)² cells, e.g. past 1024² px at f = 8, so memory stays bounded."""
+        z = z.to(self.device, self.dtype)
+        if tiled or tiled is None and z.shape[2] * z.shape[3] > (2 * TILE) ** 2:
+            x = decode_tiled(self.model.decode_first_stage, z, self.config.autoencoder.downsample_factor)
+        else:
+            x = self.model.decode_first_stage(z)
+        return x.float().clamp(-1, 1)
 
     def _unet_fn(self, label: int | None = None):
         """unet(x, t, context) in the pipeline's dtype, returning float32 for the samplers; `label`:

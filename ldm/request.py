@@ -14,6 +14,7 @@ from .guidance import check_guidance_rescale
 from .planners import planner
 from .regions import Region, as_regions
 from .image_inputs import as_images, as_masks
+from .tiling import TILE
 from .samplers import SAMPLERS, check_options, effective_name, steps_run
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -220,8 +221,9 @@ def check_memory(pipe, batch: int, height: int, width: int) -> None:
     h, w, size = height // f, width // f, torch.finfo(pipe.dtype).bits // 8
     unet = cfg.unet.model_channels * sum(m * (cfg.unet.num_res_blocks + 1) / 4 ** i
                                          for i, m in enumerate(cfg.unet.channel_mult))
-    decoder = 2 * cfg.autoencoder.ch * cfg.autoencoder.ch_mult[0] * height * width
-    need = size * (2 * batch * unet * h * w + batch * decoder)
+    tile = (2 * TILE * f) ** 2                      # past that, the decoder runs tile by tile (ldm/tiling.py)
+    decoder = 2 * cfg.autoencoder.ch * cfg.autoencoder.ch_mult[0] * min(height * width, tile)
+    need = size * (2 * batch * unet * h * w + (batch if height * width <= tile else 1) * decoder)
     have = available_memory(pipe.device)
     if need > have:
         side = int((have / need) ** 0.5 * min(height, width)) // f * f
