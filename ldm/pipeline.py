@@ -154,10 +154,7 @@ class Pipeline:
         req = check_request(self, prompt, negative_prompt, steps, guidance_scale, height, width, seed,
                             generator, sampler, eta, karras, num_images_per_prompt, output_type,
                             guidance_rescale, regions, regions_from_t, guidance, image, mask_image, strength,
-                            noise_level)
-        if latents is not None and tuple(latents.shape) != req.latent_shape:
-            raise ValueError(f"latents must have shape {req.latent_shape} for {len(req.prompts)} image(s) "
-                             f"of {req.height}×{req.width}, got {tuple(latents.shape)}")
+                            noise_level, latents)
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(req.seed)
         noise, init, keep, extra = self._start(req, generator, latents)

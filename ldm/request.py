@@ -81,7 +81,7 @@ def as_prompts(prompt, what: str) -> list[str]:
 def check_request(pipe, prompt, negative_prompt, steps, guidance_scale, height, width, seed, generator,
                   sampler, eta, karras, num_images_per_prompt, output_type, guidance_rescale, regions,
                   regions_from_t, guidance, image=None, mask_image=None, strength=None,
-                  noise_level=None) -> Request:
+                  noise_level=None, latents=None) -> Request:
     """Every argument of Pipeline.__call__ checked once, in order, with a message that says what to
     do; None takes the model's default. Nothing here touches a network."""
     cfg = pipe.config
@@ -119,12 +119,15 @@ def check_request(pipe, prompt, negative_prompt, steps, guidance_scale, height, 
     if not isinstance(guidance, (list, tuple)) or not all(callable(g) for g in guidance):
         raise TypeError("guidance must be a list of functions model_fn -> model_fn (see ldm/guidance.py), "
                         f"got {guidance!r}")
+    shape = (len(prompts) * n, cfg.unet.out_channels, height // f, width // f)
+    if latents is not None and tuple(latents.shape) != shape:
+        raise ValueError(f"latents must have shape {shape} for {shape[0]} image(s) of {height}×{width}, "
+                         f"got {tuple(latents.shape)}")
     repeat = lambda items: [item for item in items for _ in range(n)]   # noqa: E731
     name = effective_name(sampler, cfg.schedule, karras)
     return Request(repeat(prompts), repeat(negatives), repeat(per_prompt), steps, guidance_scale,
                    guidance_rescale, sampler, karras, name, float(eta), height, width, seed,
-                   regions_from_t, tuple(guidance), output_type,
-                   (len(prompts) * n, cfg.unet.out_channels, height // f, width // f), images, masks,
+                   regions_from_t, tuple(guidance), output_type, shape, images, masks,
                    strength, steps_run(name, steps, 1.0 if strength is None else strength), noise_level)
 
 
