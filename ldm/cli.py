@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
+import math
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -14,17 +15,14 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 
 def model_hash(path: Path) -> str:
     """sha256 of the weights, first 10 hex digits (the "Model hash" other SD tools print)."""
+    from .formats.files import sha256_of
     files = [path] if path.is_file() else sorted(path.glob("unet/*.safetensors")) or sorted(path.rglob("*.safetensors"))
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:10]
+    return sha256_of(*files)[:10]
 
 
-def png_parameters(info: dict, model_name: str, hash_: str) -> dict[str, str]:
-    """PNG text chunks: `parameters` in the A1111 layout, plus one chunk per field."""
+def png_parameters(info: dict, model_name: str, hash_: str, loras: dict | None = None) -> dict[str, str]:
+    """PNG text chunks: `parameters` in the A1111 layout, plus one chunk per field. `loras`: the
+    pipeline's `loras` (name -> (path, scale, hash)), as A1111's `Lora hashes` and a `loras` chunk."""
     lines = [info["prompt"]]
     if info.get("negative_prompt"):
         lines.append(f"Negative prompt: {info['negative_prompt']}")
@@ -41,13 +39,20 @@ def png_parameters(info: dict, model_name: str, hash_: str) -> dict[str, str]:
         lines[-1] += f", Hires upscale: {info['hires']}, Hires upscaler: Lanczos"
     if info.get("noise_level") is not None:
         lines[-1] += f", Noise level: {info['noise_level']}"
+    if info.get("prompt_syntax") == "plain":      # A1111's own output implies its syntax
+        lines[-1] += ", Prompt syntax: plain"
+    if loras:
+        clean = lambda n: n.replace(":", "").replace(",", "")      # noqa: E731  as A1111 writes names
+        lines[-1] += ', Lora hashes: "' + ", ".join(f"{clean(n)}: {h}" for n, (_, _, h) in loras.items()) + '"'
     fields = {k: str(info[k]) for k in ("prompt", "negative_prompt", "seed", "steps", "guidance_scale",
                                         "sampler", "height", "width", "batch_index")}
     fields["guidance_rescale"] = str(info.get("guidance_rescale", 0.0))
     fields["regions"] = json.dumps(info.get("regions", []))
-    for key in ("strength", "steps_run", "noise_level", "hires"):
+    for key in ("strength", "steps_run", "noise_level", "hires", "prompt_syntax"):
         if info.get(key) is not None:
             fields[key] = str(info[key])
+    if loras:
+        fields["loras"] = json.dumps([dict(name=n, path=p, scale=w, hash=h) for n, (p, w, h) in loras.items()])
     return {"parameters": "\n".join(lines), **fields, "model": model_name, "model_hash": hash_}
 
 
@@ -153,6 +158,43 @@ def parse_region(text: str):
     return Region(prompt.strip(), numbers)
 
 
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
+
+
+def lora_requests(args, prompt: str | None) -> tuple[str | None, list[tuple[Path, float]]]:
+    """(the prompt without its `<lora:NAME:w>` tags, [(file, scale)]) from --lora PATH[:SCALE] and
+    the prompt's tags (NAME.safetensors in --lora-dir, as A1111), each file read and checked now,
+    before the model loads."""
+    from .lora import read
+    wanted = []
+    for spec in getattr(args, "lora", None) or []:
+        path, sep, scale = spec.rpartition(":")
+        if not sep or not scale or "/" in scale or scale.endswith(".safetensors"):
+            path, scale = spec, "1.0"
+        wanted.append((Path(path), scale, f"--lora {spec}"))
+    if prompt is not None:
+        for name, scale in LORA_TAG.findall(prompt):
+            tag = f"<lora:{name}{':' + scale if scale else ''}>"
+            if not getattr(args, "lora_dir", None):
+                raise ValueError(f"the prompt's {tag} names a LoRA: pass --lora-dir DIR (the folder "
+                                 f"holding {name}.safetensors), or give the file with --lora PATH:SCALE")
+            wanted.append((Path(args.lora_dir) / f"{name}.safetensors", scale or "1.0", tag))
+        prompt = LORA_TAG.sub("", prompt)
+    out = []
+    for path, scale, what in wanted:
+        try:
+            value = float(scale)
+        except ValueError:
+            raise ValueError(f"{what}: the scale must be a number, got {scale!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{what}: the scale must be a finite number (e.g. 0.8), got {scale!r}")
+        if not path.is_file():
+            raise ValueError(f"{what}: no LoRA file at {path}")
+        read(path)                                      # unreadable / other formats: refused now
+        out.append((path, value))
+    return prompt, out
+
+
 def cmd_generate(args) -> int:
     """`ldm generate`, `ldm upscale` and `ldm outpaint`: one loop over batches of -n, each command
     only choosing what one batch calls (`_draw`)."""
@@ -166,11 +208,16 @@ def cmd_generate(args) -> int:
     image = read_image(args.image, "--image" if args.command == "generate" else "input") if args.image else None
     mask = read_image(args.mask, "--mask", mode=None) if getattr(args, "mask", None) else None
     regions = [parse_region(r) for r in args.region] if args.region else None if args.no_regions else "auto"
+    written_prompt = args.prompt
+    args.prompt, loras = lora_requests(args, args.prompt)
     model = Path(args.model) if args.model else default_model_path()
     pipe = Pipeline.from_pretrained(model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
                                     prediction_type=args.prediction_type, allow_pickle=args.allow_pickle,
                                     config=args.config)
+    for path, scale in loras:
+        pipe.load_lora(path, scale, name=_free_name(pipe, path.stem))
     hash_ = model_hash(model)
+    syntax = args.prompt_syntax or ("plain" if pipe.config.text_encoder.kind == "t5" else "a1111")
     # -n in batches of --batch-size, batch k seeded seed + k: memory stays that of one batch, and
     # every image is on disk as soon as its batch is done
     seed = random.randrange(2 ** 32) if args.seed is None else args.seed
@@ -180,13 +227,24 @@ def cmd_generate(args) -> int:
             kw = dict(negative_prompt=args.negative, steps=args.steps, guidance_scale=args.scale,
                       guidance_rescale=args.guidance_rescale, seed=seed + k, sampler=args.sampler,
                       karras=args.karras, eta=args.eta, num_images_per_prompt=len(batch), regions=regions,
-                      callback=lambda d: bar.update(1))
+                      prompt_syntax=syntax, callback=lambda d: bar.update(1))
             images = _draw(args, pipe, image, mask, kw)
             for i, (im, path) in enumerate(zip(images, batch)):
                 info = dict(images.request.record(i), hires=getattr(args, "hires", None))
-                save_image(im, path, png_parameters(info, model.name, hash_))
+                if written_prompt != args.prompt:      # A1111 writes the prompt with its <lora:…> tags
+                    info["prompt"] = written_prompt
+                save_image(im, path, png_parameters(info, model.name, hash_, pipe.loras))
                 print(path)
     return 0
+
+
+def _free_name(pipe, stem: str) -> str:
+    """`stem`, or `stem-2`, ... when a LoRA of that name is loaded already."""
+    name, k = stem, 1
+    while name in pipe.loras:
+        k += 1
+        name = f"{stem}-{k}"
+    return name
 
 
 def _draw(args, pipe, image, mask, kw):
@@ -236,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CFG rescale φ in [0, 1] against overexposure at high --scale (0 = off, 0.7 typical)")
     common.add_argument("--seed", type=int, help="random seed (default: random, written to the PNG)")
     common.add_argument("--negative", help="negative prompt (replaces the empty prompt as the null condition)")
+    common.add_argument("--prompt-syntax", choices=("a1111", "plain"), default=None,
+                        help="a1111 (default): A1111's (word:1.3) weights, BREAK and prompts past 75 tokens; "
+                             "plain: diffusers' (truncated at 77 tokens). T5 models: plain")
     common.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: the model's)")
     common.add_argument("--karras", action=argparse.BooleanOptionalAction,
                         help="Karras sigmas: --sampler dpmpp_2m --karras is dpmpp_2m_karras (euler, "
@@ -255,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "repeatable; replaces the model's own layout plan")
     common.add_argument("--no-regions", action="store_true",
                         help="don't plan regions with the model's layout planner (the prompt alone)")
+    common.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                        help="merge a LoRA file (kohya/A1111 or diffusers/PEFT .safetensors) at SCALE "
+                             "(default 1.0); repeatable")
+    common.add_argument("--lora-dir", metavar="DIR",
+                        help="where the prompt's <lora:NAME:SCALE> tags find NAME.safetensors (A1111's syntax)")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     g = sub.add_parser("generate", parents=[common], help="draw images from a prompt (or an image and a prompt)",

@@ -14,6 +14,7 @@ from . import checkpoint
 from .config import LDMConfig
 from .diffusion import LatentDiffusion
 from .checks import check_device
+from .prompt_syntax import check_syntax, encode_weighted, pad_chunks
 from .guidance import cfg, classifier_free, only_from, prompt_rows, with_channels
 from .regions import box_mask, regional_rows
 from .request import Images, Request, as_prompts, check_request
@@ -93,11 +94,36 @@ class Pipeline:
         self.model.to(device=self.device, dtype=self.dtype)
         return self
 
+    # -- LoRA (ldm/lora.py) -------------------------------------------------------------------------
+    def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
+        """Merge a LoRA file (kohya/A1111 or diffusers/PEFT .safetensors) into the weights with
+        multiplier `scale`; returns its name (default: the file's stem). Errors before any change."""
+        from .lora import LoraSet
+        self._lora = getattr(self, "_lora", None) or LoraSet()
+        return self._lora.load(self.model, path, scale, name)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Take a LoRA out (None: all of them), restoring the base weights bit for bit."""
+        if getattr(self, "_lora", None) is not None:
+            self._lora.unload(self.model, name)
+        elif name is not None:
+            raise ValueError(f"no LoRA named {name!r} is loaded (loaded: none)")
+
+    @property
+    def loras(self) -> dict[str, tuple[str, float, str]]:
+        """The loaded LoRAs: name -> (path, scale, sha256 of the file[:10])."""
+        return self._lora.records() if getattr(self, "_lora", None) is not None else {}
+
     # -- the stages -------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """list of B prompts -> context (B, L, D); "" is the null condition."""
-        tokens = self.text_encoder.tokenize(as_prompts(prompts, "prompts"))      # (B, L)
+    def encode_prompt(self, prompts: list[str], prompt_syntax: str = "plain") -> torch.Tensor:
+        """list of B prompts -> context (B, L, D); "" is the null condition. prompt_syntax "plain":
+        as diffusers (truncated at the encoder's max_length, with a warning); "a1111": A1111's
+        chunks of 75 tokens (L = 77·k) and (word:1.3) weights (ldm/prompt_syntax.py)."""
+        prompts = as_prompts(prompts, "prompts")
+        if check_syntax(prompt_syntax, self.config.text_encoder) == "a1111":
+            return encode_weighted(self.text_encoder, prompts, self.device).to(self.dtype)
+        tokens = self.text_encoder.tokenize(prompts)                                # (B, L)
         return self.text_encoder(tokens.to(self.device)).to(self.dtype)
 
     @torch.no_grad()
@@ -135,7 +161,7 @@ class Pipeline:
                  num_images_per_prompt: int = 1, output_type: str = "pil", callback=None,
                  guidance_rescale: float = 0.0, regions="auto", regions_from_t: int | None = None,
                  guidance: list | tuple = (), image=None, mask_image=None, strength: float | None = None,
-                 noise_level: int | None = None):
+                 noise_level: int | None = None, prompt_syntax: str = "plain"):
         """Images for `prompt`: `Images` (a list of PIL images whose `.request` records the settings),
         a float array (N, H, W, 3) in [0, 1] ("np"), or latents ("latent"). Defaults (None) come from
         the model's config; karras=None follows the model's scheduler config (its use_karras_sigmas).
@@ -150,11 +176,12 @@ class Pipeline:
         mask_image (white = repaint): inpainting (strength default 1.0), by a 9-channel inpainting
         UNet's extra inputs or, for any other model, by putting the known latents back after every
         step. An upscaler model (SD x4) takes the low-res image and noise_level (default 20) and
-        returns the image ×4. Seeds give diffusers' images (its pipelines' order of random draws)."""
+        returns the image ×4. Seeds give diffusers' images (its pipelines' order of random draws).
+        prompt_syntax: "plain" (diffusers') or "a1111" (long prompts, (word:1.3); `encode_prompt`)."""
         req = check_request(self, prompt, negative_prompt, steps, guidance_scale, height, width, seed,
                             generator, sampler, eta, karras, num_images_per_prompt, output_type,
                             guidance_rescale, regions, regions_from_t, guidance, image, mask_image, strength,
-                            noise_level, latents)
+                            noise_level, latents, prompt_syntax)
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(req.seed)
         noise, init, keep, extra = self._start(req, generator, latents)
@@ -201,18 +228,22 @@ class Pipeline:
         CFG against the negative prompts in the same batched call, the extra input channels of an
         inpainting UNet (concatenated to every row), then `req.guidance`'s wrappers. The convenient
         keywords become guidance here, and only here."""
-        context = self.encode_prompt(req.prompts)                               # (N, L, D)
+        syntax = req.prompt_syntax
+        context = self.encode_prompt(req.prompts, syntax)                       # (N, L, D)
         uncond_context = context
         if req.guidance_scale != 1:
             unique = list(dict.fromkeys(req.negatives))                         # the null prompt once
-            enc = self.encode_prompt(unique)                                    # (U, L, D)
+            enc = self.encode_prompt(unique, syntax)                            # (U, L, D)
             uncond_context = enc[[unique.index(n) for n in req.negatives]]      # (N, L, D)
+        flat = [(i, r) for i, rs in enumerate(req.regions) for r in rs]
+        region_context = self.encode_prompt([r.prompt for _, r in flat], syntax) if flat else None  # (R, L, D)
+        # a1111: contexts of fewer 77-token chunks padded with the empty prompt's, for ONE batched call
+        context, uncond_context, region_context = pad_chunks(lambda: self.encode_prompt([""], syntax),
+                                                             context, uncond_context, region_context)
         prompt = prompt_rows(context)
-        if any(req.regions):
-            flat = [(i, r) for i, rs in enumerate(req.regions) for r in rs]
+        if flat:
             owner = torch.tensor([i for i, _ in flat], device=self.device)                       # (R,)
             masks = torch.stack([box_mask(r.box, *req.latent_shape[2:]) for _, r in flat])      # (R, 1, h, w)
-            region_context = self.encode_prompt([r.prompt for _, r in flat])                     # (R, L, D)
             prompt = only_from(req.regions_from_t, regional_rows(context, region_context, owner,
                                                                  masks.to(self.device)), prompt)
         combine = cfg(req.guidance_scale, req.guidance_rescale)

@@ -12,6 +12,7 @@ import torch
 from .checks import as_float, as_int, as_size, available_memory
 from .guidance import check_guidance_rescale
 from .planners import planner
+from .prompt_syntax import check_syntax
 from .regions import Region, as_regions
 from .image_inputs import as_images, as_masks
 from .tiling import TILE
@@ -44,6 +45,7 @@ class Request:
     strength: float | None = None      # with an image: the share of the steps run from its noised latents
     steps_run: int = 0
     noise_level: int | None = None     # an upscaler's: how much the low-res image is noised (its class label)
+    prompt_syntax: str = "plain"       # "plain" (diffusers') | "a1111" (75-token chunks, (word:1.3) weights)
 
     @property
     def inpainting(self) -> bool:
@@ -56,7 +58,7 @@ class Request:
                     sampler=self.sampler_name, seed=self.seed, height=self.height, width=self.width,
                     batch_index=i, regions=[[r.prompt, list(r.box)] for r in self.regions[i]],
                     strength=self.strength, steps_run=self.steps_run, inpainting=self.inpainting,
-                    noise_level=self.noise_level)
+                    noise_level=self.noise_level, prompt_syntax=self.prompt_syntax)
 
 
 class Images(list):
@@ -81,12 +83,13 @@ def as_prompts(prompt, what: str) -> list[str]:
 def check_request(pipe, prompt, negative_prompt, steps, guidance_scale, height, width, seed, generator,
                   sampler, eta, karras, num_images_per_prompt, output_type, guidance_rescale, regions,
                   regions_from_t, guidance, image=None, mask_image=None, strength=None,
-                  noise_level=None, latents=None) -> Request:
+                  noise_level=None, latents=None, prompt_syntax="plain") -> Request:
     """Every argument of Pipeline.__call__ checked once, in order, with a message that says what to
     do; None takes the model's default. Nothing here touches a network."""
     cfg = pipe.config
     prompts = as_prompts(prompt, "prompt")
     negatives = _negatives(negative_prompt, len(prompts))
+    check_syntax(prompt_syntax, cfg.text_encoder)
     T = cfg.schedule.num_train_timesteps
     steps = as_int(cfg.default_steps if steps is None else steps, "steps", 1, T,
                    hint=" (at most the training timesteps)")
@@ -128,7 +131,8 @@ def check_request(pipe, prompt, negative_prompt, steps, guidance_scale, height, 
     return Request(repeat(prompts), repeat(negatives), repeat(per_prompt), steps, guidance_scale,
                    guidance_rescale, sampler, karras, name, float(eta), height, width, seed,
                    regions_from_t, tuple(guidance), output_type, shape, images, masks,
-                   strength, steps_run(name, steps, 1.0 if strength is None else strength), noise_level)
+                   strength, steps_run(name, steps, 1.0 if strength is None else strength), noise_level,
+                   prompt_syntax)
 
 
 def _image_inputs(cfg, n_prompts: int, image, mask_image, strength, noise_level):

@@ -170,3 +170,17 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except ValueError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def sha256_of(*paths, after_header: bool = False) -> str:
+    """sha256 hex of the files' bytes in order; after_header: of a .safetensors file's tensor bytes
+    only (A1111's "addnet" hash of a LoRA, what its `Lora hashes` and Civitai match on)."""
+    import hashlib
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            if after_header:
+                f.seek(8 + int.from_bytes(f.read(8), "little"))
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
