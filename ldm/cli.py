@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import random
@@ -274,6 +275,9 @@ def cmd_convert(args) -> int:
     return 0
 
 
+# Commands that live in their own module (one job each); their imports stay light until run.
+COMMAND_MODULES = ("ldm.shapes.eval_cli",)
+
 CONFIG_HELP = ("the model's config: an ldm .yaml/.json config file or a diffusers folder of the model "
                "(for an original file that is not SD1/SD2, whose shapes don't tell its attention heads)")
 
@@ -370,14 +374,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "default_guidance_scale, default_sampler, layout_planner, ...); repeatable")
     c.set_defaults(func=cmd_convert)
 
-    try:
-        from .shapes import eval_cli   # the default model's evaluator (ldm/shapes)
-    except ImportError:
-        eval_cli = None
-    if eval_cli is not None:
-        e = sub.add_parser("eval", help="score prompt adherence of generated images")
-        eval_cli.add_arguments(e)
-        e.set_defaults(func=eval_cli.run)
+    for module in COMMAND_MODULES:        # each: NAME, HELP, add_arguments(parser), run(args)
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:           # an optional part not installed (ldm/shapes)
+            if e.name and module.startswith(e.name):
+                continue
+            raise
+        sp = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(sp)
+        sp.set_defaults(func=mod.run)
     return p
 
 

@@ -14,6 +14,8 @@ from PIL import Image
 
 from ldm.shapes.adherence import evaluate, load_prompts
 
+NAME = "eval"
+HELP = "score prompt adherence of generated images"
 PROMPTS = Path(__file__).resolve().parents[2] / "configs" / "eval_prompts.txt"
 
 
