@@ -93,7 +93,7 @@ def save(sd: dict, cfg: LDMConfig, path: str | Path, fmt: str = "ldm",
     write_safetensors(to_original(sd, cfg), path, meta)
 
 
-def load_into(model: torch.nn.Module, sd: dict, source: str) -> None:
+def load_into(model: torch.nn.Module, sd: dict, source: str, dtype: torch.dtype | None = None) -> None:
     """Strict load: every key present with its shape, nothing extra; else one clear error.
 
     The tensors become the model's parameters (assign=True: no second copy of the model in memory),
@@ -103,8 +103,11 @@ def load_into(model: torch.nn.Module, sd: dict, source: str) -> None:
     header length gives it (the ldm format's header holds the config), and CPU matmul kernels pick
     their vectorised path by alignment, so batch-1 linears (the time embedding) summed in another
     order gave outputs ~2e-6 apart for bit-identical weights. Views left by the key conversions
-    (transposes, chunks, [:, :, None, None]) get ordinary strides the same way."""
+    (transposes, chunks, [:, :, None, None]) get ordinary strides the same way. `dtype`: floating
+    tensors are converted in that same copy (an fp16 file loaded as fp32 is copied once, not twice)."""
     assert_shapes_match(sd, model.state_dict(), f"checkpoint {source}")
     for k in list(sd):
-        sd[k] = sd[k].clone(memory_format=torch.contiguous_format)
+        t = sd[k]
+        to = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        sd[k] = t.to(to, memory_format=torch.contiguous_format, copy=True)
     model.load_state_dict(sd, strict=True, assign=True)

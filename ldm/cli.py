@@ -195,7 +195,11 @@ CONFIG_HELP = ("the model's config: an ldm .yaml/.json config file or a diffuser
                "(for an original file that is not SD1/SD2, whose shapes don't tell its attention heads)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+CORE_COMMANDS = ("generate", "upscale", "outpaint", "convert")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """All commands; `command`, when it is a core one, skips importing COMMAND_MODULES (start-up time)."""
     from .samplers import SAMPLERS
     p = argparse.ArgumentParser(prog="ldm", description="Latent text-to-image diffusion (Stable Diffusion family).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -287,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default_guidance_scale, default_sampler, layout_planner, ...); repeatable")
     c.set_defaults(func=cmd_convert)
 
-    for module in COMMAND_MODULES:        # each: NAME, HELP, add_arguments(parser), run(args)
+    for module in () if command in CORE_COMMANDS else COMMAND_MODULES:  # NAME, HELP, add_arguments, run
         try:
             mod = importlib.import_module(module)
         except ImportError as e:           # an optional part not installed (ldm/shapes)
@@ -302,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, TypeError, OSError, FloatingPointError) as e:   # FileNotFoundError is an OSError

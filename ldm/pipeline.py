@@ -81,7 +81,7 @@ class Pipeline:
                                   allow_pickle=allow_pickle)
         with init_empty_weights(include_buffers=False):  # no random init; buffers stay real
             model = LatentDiffusion(cfg)
-        checkpoint.load_into(model, sd, str(path))
+        checkpoint.load_into(model, sd, str(path), dtype)
         return cls(model, device, dtype, source=str(path))
 
     def save_pretrained(self, path: str | Path, format: str = "ldm", dtype: torch.dtype | None = None):

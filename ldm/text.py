@@ -7,7 +7,6 @@ Each encoder has `.tokenize(list[str]) -> LongTensor[B, L]`, `forward(tokens) ->
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import math
 import unicodedata
@@ -17,8 +16,9 @@ from pathlib import Path
 import regex
 import torch
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
 
+from .bpe import clip_bpe
+from .clip_text import CLIPTextTransformer
 from .config import TextEncoderConfig
 
 BOS_ID, EOS_ID = 49406, 49407
@@ -27,17 +27,6 @@ _SPECIAL = {"<|startoftext|>": BOS_ID, "<|endoftext|>": EOS_ID}
 # transformers' CLIPTokenizer pre-tokenizer split: open_clip's pattern with transformers' special names
 _WORD_RE = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
-
-
-@functools.lru_cache(maxsize=1)
-def _bpe():
-    """open_clip's SimpleTokenizer over the vocabulary it ships (`bpe_simple_vocab_16e6.txt.gz`).
-    Its module is loaded on its own: `import open_clip` pulls in its model zoo (~2 s at start-up)."""
-    (root,) = importlib.util.find_spec("open_clip").submodule_search_locations
-    spec = importlib.util.spec_from_file_location("_open_clip_tokenizer", Path(root) / "tokenizer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.SimpleTokenizer()
 
 
 def _warn_truncated(prompts: list[str], lengths: list[int], max_length: int) -> None:
@@ -67,14 +56,9 @@ class Tokenizer:
 
     def words(self, text: str) -> list[tuple[str, list[int]]]:
         """(word, its BPE ids) for each word of `text` as the tokenizer splits it, in order."""
-        bpe, out = _bpe(), []
-        for word in _WORD_RE.findall(unicodedata.normalize("NFC", text).lower()):
-            if word in _SPECIAL:
-                out.append((word, [_SPECIAL[word]]))
-                continue
-            pieces = bpe.bpe("".join(bpe.byte_encoder[b] for b in word.encode("utf-8"))).split(" ")
-            out.append((word, [bpe.encoder[piece] for piece in pieces]))
-        return out
+        bpe = clip_bpe()
+        return [(word, [_SPECIAL[word]] if word in _SPECIAL else bpe.encode(word))
+                for word in _WORD_RE.findall(unicodedata.normalize("NFC", text).lower())]
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of `text`, without start/end tokens."""
@@ -97,11 +81,11 @@ def save_hf_tokenizer(directory: str | Path, pad_with: str = "eos", max_length: 
     open_clip's BPE file. SD2 folders (pad_with="zero") use pad_token "!" (id 0)."""
     if pad_with not in PAD_IDS:
         raise ValueError(f"pad_with must be one of {sorted(PAD_IDS)}, got {pad_with!r}")
-    bpe, directory = _bpe(), Path(directory)
+    bpe, directory = clip_bpe(), Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
     vocab = {names.get(tok, tok): i for tok, i in bpe.encoder.items()}
-    merges = [" ".join(pair) for pair, _ in sorted(bpe.bpe_ranks.items(), key=lambda kv: kv[1])]
+    merges = [" ".join(pair) for pair, _ in sorted(bpe.ranks.items(), key=lambda kv: kv[1])]
     special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                "pad_token": "<|endoftext|>" if pad_with == "eos" else "!"}
     config = {**special, "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length,
@@ -121,8 +105,9 @@ def _hf_num_layers(cfg: TextEncoderConfig) -> int:
     return cfg.num_layers - 1 if cfg.kind == "openclip" and cfg.layer == "penultimate" else cfg.num_layers
 
 
-def hf_config_of(cfg: TextEncoderConfig) -> CLIPTextConfig | T5Config:
+def hf_config_of(cfg: TextEncoderConfig):
     """transformers config of the diffusers `text_encoder` for `cfg` (T5Config for kind "t5")."""
+    from transformers import CLIPTextConfig, T5Config
     if cfg.kind == "t5":
         # dropout off: conditioning is deterministic whether or not the module is in train mode
         return T5Config(vocab_size=cfg.vocab_size, d_model=cfg.hidden_size, d_ff=cfg.intermediate_size,
@@ -167,23 +152,22 @@ class _TextEncoder(nn.Module):
 
 
 class CLIPTextEncoder(_TextEncoder):
-    """transformers CLIPTextModel as `transformer` (SD1's FrozenCLIPEmbedder; diffusers-SD2)."""
+    """CLIP's text transformer as `transformer` (SD1's FrozenCLIPEmbedder; diffusers-SD2), with
+    transformers' CLIPTextModel names and numbers (ldm/clip_text.py)."""
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         self.layer = cfg.layer
         self.tokenizer = Tokenizer(cfg.max_length, cfg.pad_with)
-        self.transformer = CLIPTextModel(hf_config_of(cfg))
+        self.transformer = CLIPTextTransformer(cfg.vocab_size, cfg.hidden_size, _hf_num_layers(cfg), cfg.num_heads,
+                                               cfg.intermediate_size, cfg.max_length, cfg.hidden_act)
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         return self.tokenizer(prompts)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        t = self.transformer
-        if self.layer == "last":
-            return t(input_ids=tokens).last_hidden_state  # (B, L, D), after final LN
-        out = t(input_ids=tokens, output_hidden_states=True)
-        return t.final_layer_norm(out.hidden_states[-2])  # SD2: penultimate + final LN
+        # (B, L, D) after the final LN; SD2: the penultimate layer's, then the final LN
+        return self.transformer(tokens, skip_last=0 if self.layer == "last" else 1)
 
 
 def _openclip_text_tower(cfg: TextEncoderConfig):
@@ -229,6 +213,7 @@ class T5TextEncoder(_TextEncoder):
     """transformers T5EncoderModel as `transformer`; its tokenizer is read from `tokenizer_dir`."""
 
     def __init__(self, cfg: TextEncoderConfig, tokenizer_dir: str | Path | None = None):
+        from transformers import T5EncoderModel
         super().__init__()
         self.max_length = cfg.max_length
         self.transformer = T5EncoderModel(hf_config_of(cfg))
@@ -249,7 +234,8 @@ class T5TextEncoder(_TextEncoder):
         return self.transformer(input_ids=tokens).last_hidden_state  # (B, L, D)
 
 
-def _load_t5_tokenizer(directory: str | Path) -> T5TokenizerFast:
+def _load_t5_tokenizer(directory: str | Path):
+    from transformers import T5TokenizerFast
     directory = Path(directory)
     # transformers silently builds an empty-vocabulary tokenizer from a folder without these files
     if not any((directory / name).is_file() for name in ("tokenizer.json", "spiece.model")):

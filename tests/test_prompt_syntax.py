@@ -11,7 +11,7 @@ import torch
 from ldm import Pipeline
 from ldm.prompt_syntax import parse_prompt_attention, tokenize_line, unbalanced
 from ldm.request import check_request
-from ldm.text import save_hf_tokenizer
+from ldm.text import hf_config_of, save_hf_tokenizer
 from tiny_models import random_model, tiny_sd1, tiny_sd2
 
 LONG = ", ".join(f"a {c} {s} next to a ({c}:1.3) {s}" for c in ("red", "green", "blue", "yellow", "pink")
@@ -75,10 +75,12 @@ class A1111Reference:
     """FrozenCLIPEmbedderWithCustomWords (SD1, HF CLIPTokenizer) / FrozenOpenCLIPEmbedderWithCustomWords
     (SD2, open_clip's tokenizer): tokenize_line, process_tokens, EmphasisOriginal; one prompt per call."""
 
-    def __init__(self, encoder, tmp_path):
+    def __init__(self, encoder, config, tmp_path):
         self.encoder, self.chunk_length, self.backtrack = encoder, 75, 20
         if hasattr(encoder, "transformer"):                     # SD1
-            from transformers import CLIPTokenizer
+            from transformers import CLIPTextModel, CLIPTokenizer
+            self.hf_model = CLIPTextModel(hf_config_of(config)).eval()   # A1111's module
+            self.hf_model.load_state_dict({k.removeprefix("transformer."): v for k, v in encoder.state_dict().items()})
             save_hf_tokenizer(tmp_path, "eos")
             hf = CLIPTokenizer.from_pretrained(str(tmp_path))
             self.tokenize = lambda texts: hf(texts, truncation=False, add_special_tokens=False)["input_ids"]
@@ -139,7 +141,7 @@ class A1111Reference:
     def encode_with_transformers(self, tokens):
         e = self.encoder
         if hasattr(e, "transformer"):                          # CLIP_stop_at_last_layers = 1
-            return e.transformer(input_ids=tokens).last_hidden_state
+            return self.hf_model(input_ids=tokens).last_hidden_state
         m = e.model                                            # FrozenOpenCLIPEmbedder, layer "penultimate"
         x = m.token_embedding(tokens) + m.positional_embedding
         blocks = m.transformer.resblocks
@@ -219,7 +221,7 @@ def pipe(request):
 
 
 def test_encodings_equal_a1111(pipe, tmp_path):
-    ref = A1111Reference(pipe.text_encoder, tmp_path)
+    ref = A1111Reference(pipe.text_encoder, pipe.config.text_encoder, tmp_path)
     with pytest.warns(UserWarning, match="unbalanced brackets"):
         ours = pipe.encode_prompt(PROMPTS, prompt_syntax="a1111")
     with torch.no_grad():

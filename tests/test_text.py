@@ -113,24 +113,28 @@ def test_tokenizer_rejects_bad_arguments():
 # CLIP (transformers)
 
 
-def tiny_clip_reference(state_dict, layers=2):
+def tiny_clip_reference(state_dict, layers=2, act="quick_gelu"):
     ref = CLIPTextModel(CLIPTextConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                                       intermediate_size=37, projection_dim=32)).eval()
+                                       intermediate_size=37, projection_dim=32, hidden_act=act)).eval()
     ref.load_state_dict(state_dict, strict=layers == 2)
     return ref
 
 
-def test_clip_encoder_matches_clip_text_model():
-    enc = built(CLIP_CFG)
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_clip_encoder_matches_clip_text_model_bit_for_bit(act):
+    """ldm/clip_text.py is ours (transformers' import is slow): the same numbers, not just close ones."""
+    enc = built(replace(CLIP_CFG, hidden_act=act))
     tokens = enc.tokenize(PLAIN)
     weights = {k.removeprefix("transformer."): v for k, v in enc.state_dict().items()}
     with torch.no_grad():
-        close(enc(tokens), tiny_clip_reference(weights)(input_ids=tokens).last_hidden_state)
+        ref = tiny_clip_reference(weights, act=act)
+        assert torch.equal(enc(tokens), ref(input_ids=tokens).last_hidden_state)
         close(enc.encode(PLAIN), enc(tokens))
-        penultimate = build_text_encoder(replace(CLIP_CFG, layer="penultimate"))
+        penultimate = build_text_encoder(replace(CLIP_CFG, layer="penultimate", hidden_act=act))
         penultimate.load_state_dict(enc.state_dict())
         # penultimate + final LN == a 1-layer CLIPTextModel with the same first layer
-        close(penultimate(tokens), tiny_clip_reference(weights, layers=1)(input_ids=tokens).last_hidden_state)
+        ref = tiny_clip_reference(weights, layers=1, act=act)
+        assert torch.equal(penultimate(tokens), ref(input_ids=tokens).last_hidden_state)
     assert enc(tokens).shape == (len(PLAIN), 77, 32)
 
 
