@@ -13,6 +13,7 @@ from .outputs import check_outputs, model_hash, output_paths, png_parameters, sa
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
+RUN_DTYPES = sorted(DTYPES) + ["auto"]      # auto: ldm/precision.py picks what this device computes natively
 
 
 def check_generate_args(args) -> None:
@@ -125,11 +126,13 @@ def cmd_generate(args) -> int:
     written_prompt = args.prompt
     args.prompt, loras = lora_requests(args, args.prompt)
     model = Path(args.model) if args.model else default_model_path()
-    pipe = Pipeline.from_pretrained(model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
+    pipe = Pipeline.from_pretrained(model, device=args.device, dtype=args.dtype,
                                     prediction_type=args.prediction_type, allow_pickle=args.allow_pickle,
                                     config=args.config)
     for path, scale in loras:
         pipe.load_lora(path, scale, name=_free_name(pipe, path.stem))
+    if args.compile:
+        pipe.compile()
     hash_ = model_hash(model)
     syntax = args.prompt_syntax or ("plain" if pipe.config.text_encoder.kind == "t5" else "a1111")
     # -n in batches of --batch-size, batch k seeded seed + k: memory stays that of one batch, and
@@ -227,7 +230,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     common.add_argument("--batch-size", type=int, default=8,
                         help="images drawn at once (default 8); batch k of -n is seeded --seed + k")
     common.add_argument("--device", default="cpu")
-    common.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    common.add_argument("--dtype", default="float32", choices=RUN_DTYPES,
+                        help="float32 (default: diffusers' pictures bit for bit); bf16/fp16: faster where the "
+                             "device computes them natively (warns where it would emulate); auto: bf16 on a "
+                             "CPU with AVX512-BF16/AMX, fp16 on a GPU, else float32")
+    common.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet (a one-off compile, then faster steps: bench/README.md)")
     common.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
                         help="override for original SD2.x-768 files (v_prediction), which shapes can't tell")
     common.add_argument("--allow-pickle", action="store_true", help="allow .ckpt files (read with weights_only=True)")

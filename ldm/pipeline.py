@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from accelerate import init_empty_weights
 from PIL import Image
 
-from . import checkpoint
+from . import checkpoint, precision
 from .config import LDMConfig
 from .diffusion import LatentDiffusion
 from .checks import check_device
@@ -46,8 +46,10 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 class Pipeline:
     def __init__(self, model: LatentDiffusion, device="cpu", dtype: torch.dtype = torch.float32,
                  source: str | None = None):
-        self.device, self.dtype, self.source = check_device(device), dtype, source
-        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.device, self.source = check_device(device), source
+        self.dtype = precision.resolve(dtype, self.device)
+        self.model = model.to(device=self.device, dtype=self.dtype,
+                              memory_format=precision.memory_format(self.dtype)).eval()
 
     # -- the parts, under the names users know ----------------------------------------------------
     @property
@@ -81,7 +83,7 @@ class Pipeline:
                                   allow_pickle=allow_pickle)
         with init_empty_weights(include_buffers=False):  # no random init; buffers stay real
             model = LatentDiffusion(cfg)
-        checkpoint.load_into(model, sd, str(path), dtype)
+        checkpoint.load_into(model, sd, str(path), precision.resolve(dtype, check_device(device), warn=False))
         return cls(model, device, dtype, source=str(path))
 
     def save_pretrained(self, path: str | Path, format: str = "ldm", dtype: torch.dtype | None = None):
@@ -89,9 +91,16 @@ class Pipeline:
         checkpoint.save(self.model.state_dict(), self.config, path, format, dtype)
 
     def to(self, device=None, dtype=None) -> "Pipeline":
-        self.device = torch.device(device) if device is not None else self.device
-        self.dtype = dtype or self.dtype
-        self.model.to(device=self.device, dtype=self.dtype)
+        self.device = check_device(device) if device is not None else self.device
+        self.dtype = precision.resolve(dtype, self.device) if dtype is not None else self.dtype
+        self.model.to(device=self.device, dtype=self.dtype, memory_format=precision.memory_format(self.dtype))
+        return self
+
+    def compile(self, mode: str | None = None) -> "Pipeline":
+        """torch.compile the UNet in place (its parameter names, LoRA merging and saving unchanged).
+        The first call at each shape compiles (tens of seconds); later calls run the fused graph.
+        mode: torch.compile's ("max-autotune" on a GPU: autotuned kernels and CUDA graphs)."""
+        self.unet.compile(mode=mode, dynamic=False)
         return self
 
     # -- LoRA (ldm/lora.py) -------------------------------------------------------------------------
