@@ -4,11 +4,13 @@ captioned images, from scratch or fine-tuning anything Pipeline.from_pretrained 
     python train_ldm.py --config configs/train_tiny.yaml --set data.path=DATA
     python train_ldm.py --config configs/train_sd15_finetune.yaml --init sd15.safetensors --data.path=DATA
     accelerate launch --num_processes 2 train_ldm.py --config ... --resume
+    python train_ldm.py --config configs/train_lora_tiny.yaml --init base.safetensors --lora-rank 8 --data.path=DATA
     (overrides: --set optim.lr=1e-4 or --optim.lr=1e-4; fields in ldm/training/config.py TrainConfig)
 
 Shape: config -> data check -> models -> accelerator.prepare -> one loop; the steps every training
 script shares are ldm/training/run.py's. The export is one self-describing .safetensors (EMA
-weights when enabled) that Pipeline.from_pretrained loads."""
+weights when enabled) that Pipeline.from_pretrained loads; with lora_rank > 0 only LoRA matrices
+train (the base frozen, ldm/training/lora.py) and the export is a kohya/A1111 LoRA file."""
 from __future__ import annotations
 
 import contextlib
@@ -31,6 +33,7 @@ from ldm.training.config import TrainConfig, config_from_cli
 from ldm.training.data import (CachedLatentDataset, ImageCaptionDataset, build_latent_cache, caption_collate,
                                latent_cache_path, train_loader, training_images)
 from ldm.training.ema import EMA
+from ldm.training.lora import LoraNetwork, save_lora
 from ldm.training.optim import adamw, lr_schedule
 from ldm.training.run import run_cli, start
 from ldm.training.vae_export import load_autoencoder
@@ -39,15 +42,21 @@ EXPORT_PREFIX = {"unet": UNET, "text_encoder": TEXT}
 
 
 class Denoiser(nn.Module):
-    """What is trained, as one module for DDP/FSDP/DeepSpeed: the UNet, and τθ when trainable."""
+    """What is trained, as one module for DDP/FSDP/DeepSpeed: the UNet, and τθ when trainable; or
+    a LoRA network hooked into them, when the frozen base stays out of parameters() and
+    state_dict(), so checkpoints and gradient syncs hold the LoRA only."""
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module | None = None):
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module | None = None, lora: LoraNetwork | None = None):
         super().__init__()
-        self.unet, self.text_encoder = unet, text_encoder
+        if lora is None:
+            self.unet, self.text_encoder = unet, text_encoder
+        else:
+            self.lora = lora
+            self.__dict__.update(unet=unet, text_encoder=text_encoder)  # plain attributes: not submodules
 
     def forward(self, z_t, t, tokens, context=None):
         if self.text_encoder is not None:
-            context = self.text_encoder(tokens)  # (B, L, D), trained jointly (LDM eq. 3)
+            context = self.text_encoder(tokens)  # (B, L, D), trained jointly (LDM eq. 3) or through its LoRA
         return self.unet(z_t, t, context)        # (B, C, h, w): ε, v or x0 per prediction_type
 
 
@@ -63,6 +72,8 @@ def check_config(cfg: TrainConfig, resolution: int) -> None:
         raise ValueError(f"data.resolution={resolution} must be a multiple of the autoencoder's factor {f}")
     if cfg.data.cache_latents and not cfg.data.center_crop:
         raise ValueError("random crops cannot be cached: set data.center_crop=true or data.cache_latents=false")
+    if cfg.lora_rank and not cfg.init:
+        raise ValueError("lora_rank > 0 trains a LoRA for a base model: pass it with --init PATH")
 
 
 @torch.no_grad()
@@ -96,26 +107,32 @@ def load_model(cfg: TrainConfig, read_init, vae_sd: dict | None) -> LatentDiffus
 
 
 def main(argv=None) -> None:
-    args, cfg, read_init = config_from_cli(TrainConfig, argv, __doc__, checkpoint.load, extra=("vae",))
+    args, cfg, read_init = config_from_cli(TrainConfig, argv, __doc__, checkpoint.load, extra=("vae", "lora-rank"))
     vae_cfg, vae_sd = load_autoencoder(cfg.vae, args.allow_pickle) if cfg.vae else (None, None)
     if vae_cfg is not None:
         cfg = replace(cfg, model=replace(cfg.model, autoencoder=vae_cfg))
     resolution = cfg.data.resolution or cfg.model.sample_size
     check_config(cfg, resolution)
     load_res = resolution // cfg.model.autoencoder.pixel_scale  # images load at the autoencoder network's size
-    text_trainable = cfg.model.text_encoder.trainable
+    lora = cfg.lora_rank > 0
+    text_trainable = cfg.model.text_encoder.trainable and not lora  # a LoRA freezes the whole base
+    text_in_forward = text_trainable or bool(lora and cfg.lora_text_targets)  # τθ runs with gradients
     report, train_items, _ = training_images(cfg.data, load_res, cfg.seed,
                                              "optional" if cfg.data.allow_uncaptioned else "required")
-    run = start(cfg, "train_ldm", len(train_items), args.resume, "model.safetensors", report.warnings(load_res))
+    run = start(cfg, "train_ldm", len(train_items), args.resume, "lora.safetensors" if lora else "model.safetensors",
+                report.warnings(load_res))
     accelerator, device, out = run.accelerator, run.accelerator.device, Path(cfg.out_dir)
 
-    # -- model: frozen autoencoder, text encoder frozen or trained, UNet trained ---------------------
+    # -- model: frozen autoencoder, text encoder frozen or trained, UNet trained; or only a LoRA -----
     model = load_model(cfg, read_init, vae_sd)
     model.first_stage_model.requires_grad_(False).eval()
     model.cond_stage_model.requires_grad_(text_trainable).train(text_trainable)
-    model.unet.train()
+    model.unet.requires_grad_(not lora).train(not lora)
     model.to(device=device, dtype=torch.float32)  # fp16 init files (most SD releases) train in fp32 + autocast
-    denoiser = Denoiser(model.unet, model.cond_stage_model if text_trainable else None)
+    network = LoraNetwork(model, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_unet_targets,
+                          cfg.lora_text_targets) if lora else None
+    denoiser = Denoiser(model.unet, model.cond_stage_model if text_in_forward else None, network)
+    watched = network if lora else model  # the weights that train, for the test hooks
     n_params = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
     run.say(f"training {n_params / 1e6:.1f}M parameters on {len(train_items)} images at {resolution} px, "
             f"{accelerator.num_processes} process(es), {run.per_step} images per step")
@@ -146,7 +163,7 @@ def main(argv=None) -> None:
     denoiser, optimizer, loader = accelerator.prepare(denoiser, optimizer, loader)
     raw = accelerator.unwrap_model(denoiser)
     ema = EMA(raw, cfg.ema_decay) if cfg.use_ema else None
-    run.resume(args.resume, lr_scheduler, ema, model=model)
+    run.resume(args.resume, lr_scheduler, ema, model=watched)
 
     # -- the loop ---------------------------------------------------------------------------------
     ac = alphas_cumprod(cfg.model.schedule).to(device)                        # (T,) float64
@@ -163,7 +180,7 @@ def main(argv=None) -> None:
                         z0 = DiagonalGaussian(batch["moments"]).sample() * scale         # (B, C, h, w)
                     else:
                         z0 = model.encode_first_stage(batch["x"], resample=False)      # (B, C, h, w)
-                    context = None if text_trainable else model.cond_stage_model(batch["tokens"])  # (B, L, D)
+                    context = None if text_in_forward else model.cond_stage_model(batch["tokens"])  # (B, L, D)
                 z0 = z0.float()
                 noise = training_noise(z0, cfg.noise_offset)
                 t = torch.randint(0, T, (z0.shape[0],), device=device)
@@ -187,13 +204,18 @@ def main(argv=None) -> None:
             (out / "samples").mkdir(parents=True, exist_ok=True)
             with ema.swapped_in(raw) if ema is not None else contextlib.nullcontext():
                 sample_grid(model, cfg, resolution, device).save(out / "samples" / f"step-{run.step:08d}.png")
-            model.unet.train()
+            model.unet.train(not lora)
             model.cond_stage_model.train(text_trainable)
         run.checkpoint_if_due()
 
     # -- export: one self-describing .safetensors, EMA weights when enabled --------------------------
-    trained = run.final_weights(denoiser, model=model)
-    if run.main_process:
+    trained = run.final_weights(denoiser, model=watched)
+    if run.main_process and lora:
+        trained = {**trained, **ema.shadow} if ema is not None else trained
+        save_lora({k.removeprefix("lora."): v for k, v in trained.items()}, run.export, cfg.lora_rank,
+                  cfg.lora_alpha or cfg.lora_rank, Path(cfg.init).name)
+        run.exported()
+    elif run.main_process:
         if ema is not None:
             trained = {**trained, **ema.shadow}
         sd = model.state_dict()

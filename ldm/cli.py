@@ -117,6 +117,11 @@ def cmd_generate(args) -> int:
     from tqdm import tqdm
 
     from .pipeline import Pipeline, default_model_path
+    if getattr(args, "prompts_file", None):
+        from .batch import run_batch
+        return run_batch(args, sys.modules[__name__])     # batch.py reuses this module's checks
+    if args.prompt is None:
+        raise ValueError("give a PROMPT (or --prompts-file FILE with one prompt per line)")
     check_generate_args(args)
     paths = output_paths(Path(args.output), args.n)
     check_outputs(paths)
@@ -134,7 +139,7 @@ def cmd_generate(args) -> int:
     if args.compile:
         pipe.compile()
     hash_ = model_hash(model)
-    syntax = args.prompt_syntax or ("plain" if pipe.config.text_encoder.kind == "t5" else "a1111")
+    syntax = args.prompt_syntax or ("plain" if getattr(pipe.config.text_encoder, "kind", None) == "t5" else "a1111")
     # -n in batches of --batch-size, batch k seeded seed + k: memory stays that of one batch, and
     # every image is on disk as soon as its batch is done
     seed = random.randrange(2 ** 32) if args.seed is None else args.seed
@@ -192,7 +197,7 @@ def cmd_convert(args) -> int:
 
 
 # Commands that live in their own module (one job each); their imports stay light until run.
-COMMAND_MODULES = ("ldm.shapes.eval_cli",)
+COMMAND_MODULES = ("ldm.shapes.eval_cli", "ldm.metrics.cli", "ldm.server.cli", "ldm.interpolate_cli")
 
 CONFIG_HELP = ("the model's config: an ldm .yaml/.json config file or a diffusers folder of the model "
                "(for an original file that is not SD1/SD2, whose shapes don't tell its attention heads)")
@@ -255,7 +260,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     g = sub.add_parser("generate", parents=[common], help="draw images from a prompt (or an image and a prompt)",
                        description="Draw images from a prompt; PNGs carry the generation parameters. "
                                    "--image: img2img; --image with --mask: inpainting.")
-    g.add_argument("prompt")
+    g.add_argument("prompt", nargs="?")
+    g.add_argument("--prompts-file", metavar="FILE",
+                   help="one prompt per line, -o a folder: image j seeded --seed + j (default 0), named "
+                        "INDEX-SEED.png, resumable, split between `accelerate launch` processes (ldm/batch.py)")
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
     g.add_argument("--image", metavar="PATH", help="img2img from this picture (the output takes its size)")

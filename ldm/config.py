@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
+from .image_config import ImageEncoderConfig, PriorConfig, check_embedding_parts
+
 
 def require(cfg, name: str, ok, allowed: str, where: str | None = None) -> None:
     """Config validation (__post_init__): unless ok(value), a ValueError naming the field, its value
@@ -77,6 +79,7 @@ class UNetConfig:
     context_dim: int = 768             # 1024 for SD2 (OpenCLIP ViT-H)
     use_linear_in_transformer: bool = False  # SD2: proj_in/proj_out are Linear, not 1x1 Conv
     num_classes: int | None = None     # class-conditional: label_emb added to the time embedding (x4: noise_level)
+    adm_in_channels: int | None = None # a vector instead: label_emb an MLP of it (Stable unCLIP's noised embedding)
     disable_self_attentions: tuple[bool, ...] | None = None  # per level: True = attn1 attends to the context,
                                        # not to itself (x4 upscaler; diffusers' only_cross_attention)
     disable_middle_self_attn: bool = False  # the same for the middle block
@@ -92,6 +95,8 @@ class UNetConfig:
         require(self, "attention_resolutions", lambda v: all(r >= 1 for r in v),
                 "a list of downsampling factors >= 1")
         require(self, "num_classes", lambda v: v is None or v >= 1, "null or >= 1")
+        require(self, "adm_in_channels", lambda v: v is None or v >= 1 and self.num_classes is None,
+                "null or >= 1, and null with num_classes")
         require(self, "disable_self_attentions", lambda v: v is None or len(v) == len(self.channel_mult),
                 f"null or one true/false per level ({len(self.channel_mult)}, as channel_mult)")
         # the widths UNetModel builds: its levels, and the decoder's inputs (level + skip, concatenated)
@@ -192,7 +197,7 @@ class ScheduleConfig:
 class LDMConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
-    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    text_encoder: TextEncoderConfig | None = field(default_factory=TextEncoderConfig)  # None: image variations
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     sample_size: int = 512        # default output height/width in pixels
     default_steps: int = 50
@@ -203,6 +208,15 @@ class LDMConfig:
     low_res_schedule: ScheduleConfig | None = None  # upscaler: the schedule noising the low-res image to
                                        # noise_level, the UNet's class label (diffusers' low_res_scheduler)
     max_noise_level: int | None = None # upscaler: the highest noise_level accepted (x4: 350)
+    # the DALL·E 2 family (ldm/image_config.py, ldm/unclip.py, ldm/prior.py): a CLIP image embedding read by
+    # the decoder as its one context token ("context": image variations) or noised into the time embedding
+    # ("unclip": Stable unCLIP); a prior draws one from the text
+    image_embedding: str | None = None
+    image_encoder: ImageEncoderConfig | None = None
+    embedding_noise_schedule: ScheduleConfig | None = None  # unclip: noises the embedding to noise_level
+    prior: PriorConfig | None = None
+    prior_text_encoder: TextEncoderConfig | None = None     # CLIPTextModelWithProjection of the prior
+    prior_schedule: ScheduleConfig | None = None            # the prior's DDPM
 
     @property
     def latent_size(self) -> int:
@@ -230,6 +244,7 @@ class LDMConfig:
         require(self, "default_guidance_scale", lambda v: 0 <= v < float("inf"),
                 "a finite number >= 0 (1: no guidance)")  # NaN fails
         require(self, "regions_from_t", lambda v: v >= 0, ">= 0")
+        check_embedding_parts(self)
         if self.low_res_schedule is None:
             require(self, "max_noise_level", lambda v: v is None, "null without a low_res_schedule")
             return

@@ -9,6 +9,7 @@ from .autoencoder import AutoencoderKL
 from .config import LDMConfig
 from .text import build_text_encoder
 from .unet import UNetModel
+from .unclip import build_parts
 
 
 class LatentDiffusion(nn.Module):
@@ -18,7 +19,9 @@ class LatentDiffusion(nn.Module):
         self.model = nn.Module()  # SD-compat: CompVis DiffusionWrapper
         self.model.diffusion_model = UNetModel(cfg.unet)
         self.first_stage_model = AutoencoderKL(cfg.autoencoder)
-        self.cond_stage_model = build_text_encoder(cfg.text_encoder)
+        # None: an image-variation model, conditioned on the image embedding alone (ldm/unclip.py)
+        self.cond_stage_model = build_text_encoder(cfg.text_encoder) if cfg.text_encoder is not None else None
+        build_parts(self, cfg)     # the DALL·E 2 family's image encoder, noise augmentor and prior, if any
 
     @property
     def unet(self) -> UNetModel:

@@ -119,15 +119,20 @@ def gradient_of(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) 
     return grad_fn
 
 
-def _sqrt_one_minus_alpha_bar(alphas_cumprod: torch.Tensor, t: torch.Tensor, x: torch.Tensor):
-    """√(1−ᾱ_t) shaped (B, 1, 1, 1); fractional t (Euler) via σ interpolated as diffusers does."""
+def alpha_bar_at(alphas_cumprod: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """ᾱ_t in float64 shaped (B, 1, 1, 1) against x; fractional t (Euler) via σ interpolated as diffusers does."""
     if t.is_floating_point():
         sigma = t_to_sigma(t, sigmas_from_alphas_cumprod(alphas_cumprod))
         alpha_bar = 1 / (1 + sigma ** 2)
     else:
         alpha_bar = alphas_cumprod.to(t.device)[t]
-    s = (1 - alpha_bar).sqrt().to(x)                                     # (B,)
-    return s.reshape(s.shape + (1,) * (x.ndim - s.ndim))
+    alpha_bar = alpha_bar.double()
+    return alpha_bar.reshape(alpha_bar.shape + (1,) * (x.ndim - alpha_bar.ndim))
+
+
+def _sqrt_one_minus_alpha_bar(alphas_cumprod: torch.Tensor, t: torch.Tensor, x: torch.Tensor):
+    """√(1−ᾱ_t) shaped (B, 1, 1, 1) in x's dtype."""
+    return (1 - alpha_bar_at(alphas_cumprod, t, x)).sqrt().to(x)
 
 
 def classifier_guidance(model_fn: ModelFn, grad_log_prob_fn: ModelFn, alphas_cumprod: torch.Tensor,

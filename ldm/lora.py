@@ -9,7 +9,9 @@ Formats read (.safetensors):
   rank; the older diffusers `<module>.lora.down.weight` / `.up.weight` (and `processor.to_q_lora.*`).
 Scale of a module = multiplier · alpha / rank. W += scale · up @ down, computed in float32 from the
 base weights kept aside on first touch, so unloading restores them bit for bit and any set of loaded
-LoRAs is always base + Σ (never an accumulation of rounding)."""
+LoRAs is always base + Σ (never an accumulation of rounding). Or, with merge=False, unmerged as a side
+path: a forward hook adds scale · up(down(x)) to the module's output (the weights untouched; the
+form LoRAs train in, ldm/training/lora.py)."""
 from __future__ import annotations
 
 import json
@@ -20,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .formats.diffusers_keys import _unet_prefixes, _rename
 from .formats.files import read_state_dict, sha256_of
@@ -63,6 +67,20 @@ class Patch:
     def delta(self, shape: torch.Size) -> torch.Tensor:
         d = self.up.float().flatten(1) @ self.down.float().flatten(1)      # (out, in·kh·kw)
         return (self.scale * d).reshape(shape)
+
+    def side_path(self, module: nn.Module):
+        """A forward hook adding scale · up(down(x)) to `module`'s output, in its dtype and device."""
+        w = module.weight
+        up, down = (t.to(w.device, w.dtype) for t in (self.up, self.down))
+        if isinstance(module, nn.Conv2d):
+            down, up = down.reshape(down.shape[0], *w.shape[1:]), up.reshape(*up.shape[:2], 1, 1)
+            def lora(x):                                                    # (B, out, H', W')
+                return F.conv2d(F.conv2d(x, down, None, module.stride, module.padding, module.dilation), up)
+        else:
+            down, up = down.flatten(1), up.flatten(1)
+            def lora(x):                                                    # (..., out)
+                return F.linear(F.linear(x, down), up)
+        return lambda m, args, out: out + self.scale * lora(args[0])
 
 
 def _first(xs: list[str], n: int = 3) -> str:
@@ -178,7 +196,7 @@ def targets(model) -> dict[tuple[str, str], tuple[str, slice | None]]:
         out[("unet", module.replace(".", "_"))] = ours
         if (theirs := _rename(module, prefixes)) is not None:
             out[("unet", theirs.replace(".", "_"))] = ours
-    te = model.cond_stage_model
+    te = getattr(model, "cond_stage_model", None) or torch.nn.Module()      # image-variation models: none
     for name, p in te.named_parameters():
         if p.dim() < 2:
             continue
@@ -228,6 +246,23 @@ class Loaded:
     scale: float
     sha256: str
     patches: list[Patch]
+    hooks: list = field(default_factory=list)  # merge=False: the side paths' hook handles
+
+
+def _side_modules(model, ps: list[Patch], where) -> list[nn.Module]:
+    """The Linear/Conv2d module of each patch, or a ValueError for weights no module call reads
+    (OpenCLIP's fused q/k/v and out_proj are used by nn.MultiheadAttention directly)."""
+    out, bad = [], []
+    for p in ps:
+        fused = p.rows is not None or ".attn.out_proj." in p.key
+        module = None if fused else model.get_submodule(p.key.removesuffix(".weight"))
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            bad.append(p.key)
+        out.append(module)
+    if bad:
+        raise ValueError(f"{where}: merge=False cannot add a side path to {_first(bad, 2)} (a fused "
+                         f"attention weight): load this LoRA merged (merge=True)")
+    return out
 
 
 @dataclass
@@ -236,7 +271,7 @@ class LoraSet:
     loaded: dict[str, Loaded] = field(default_factory=dict)
     base: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def load(self, model, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
+    def load(self, model, path: str | Path, scale: float = 1.0, name: str | None = None, merge: bool = True) -> str:
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
             raise ValueError(f"LoRA scale must be a finite number, got {scale!r}")
         path = Path(path)
@@ -246,6 +281,11 @@ class LoraSet:
                              f"or pass another name")
         lora = read(path)
         ps = patches(model, lora, scale)
+        if not merge:
+            modules = _side_modules(model, ps, path)
+            hooks = [m.register_forward_hook(p.side_path(m)) for p, m in zip(ps, modules)]
+            self.loaded[name] = Loaded(path, float(scale), lora.sha256, ps, hooks)
+            return name
         self.loaded[name] = Loaded(path, float(scale), lora.sha256, ps)
         self._apply(model, {p.key for p in ps})
         return name
@@ -254,9 +294,10 @@ class LoraSet:
         if name is not None and name not in self.loaded:
             raise ValueError(f"no LoRA named {name!r} is loaded (loaded: {sorted(self.loaded) or 'none'})")
         gone = list(self.loaded) if name is None else [name]
-        keys = {p.key for n in gone for p in self.loaded[n].patches}
+        keys = {p.key for n in gone if not self.loaded[n].hooks for p in self.loaded[n].patches}
         for n in gone:
-            del self.loaded[n]
+            for h in self.loaded.pop(n).hooks:
+                h.remove()
         self._apply(model, keys)
 
     @torch.no_grad()
@@ -269,7 +310,7 @@ class LoraSet:
             if key not in self.base:
                 self.base[key] = w.detach().clone()
             base = self.base[key]
-            mine = [p for lo in self.loaded.values() for p in lo.patches if p.key == key]
+            mine = [p for lo in self.loaded.values() if not lo.hooks for p in lo.patches if p.key == key]
             if not mine:
                 w.copy_(self.base.pop(key))
                 continue

@@ -21,6 +21,7 @@ from .request import Images, Request, as_prompts, check_request
 from .schedule import alphas_cumprod, q_sample
 from .tiling import TILE, decode_tiled
 from .samplers import sample
+from .unclip import Condition, class_vector_unet, embedding_condition, image_embeddings
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "ldm-default.safetensors"
 
@@ -104,12 +105,13 @@ class Pipeline:
         return self
 
     # -- LoRA (ldm/lora.py) -------------------------------------------------------------------------
-    def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
+    def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None, merge: bool = True) -> str:
         """Merge a LoRA file (kohya/A1111 or diffusers/PEFT .safetensors) into the weights with
-        multiplier `scale`; returns its name (default: the file's stem). Errors before any change."""
+        multiplier `scale`, or with merge=False add it unmerged beside them (x·W + s·(x·A)·B);
+        returns its name (default: the file's stem). Errors before any change."""
         from .lora import LoraSet
         self._lora = getattr(self, "_lora", None) or LoraSet()
-        return self._lora.load(self.model, path, scale, name)
+        return self._lora.load(self.model, path, scale, name, merge)
 
     def unload_lora(self, name: str | None = None) -> None:
         """Take a LoRA out (None: all of them), restoring the base weights bit for bit."""
@@ -134,6 +136,19 @@ class Pipeline:
             return encode_weighted(self.text_encoder, prompts, self.device).to(self.dtype)
         tokens = self.text_encoder.tokenize(prompts)                                # (B, L)
         return self.text_encoder(tokens.to(self.device)).to(self.dtype)
+
+    @torch.no_grad()
+    def encode_image_embedding(self, images) -> torch.Tensor:
+        """PIL RGB image(s) -> CLIP image embeddings (B, D), CLIP's preprocessing included (a model
+        with an image encoder: image variations, Stable unCLIP)."""
+        return image_embeddings(self, images)
+
+    def interpolate(self, prompts=None, seeds=(0, 1), frames: int = 8, images=None, **kwargs) -> list:
+        """`frames` images walking from (prompts[0], seeds[0]) to (prompts[1], seeds[1]) (or between two
+        images' embeddings, `images=`): slerp of the start noise, slerp of the conditions; the first and
+        last frames are the plain calls' images. ldm/interpolate.py."""
+        from .interpolate import interpolate
+        return interpolate(self, prompts, seeds, frames, images, **kwargs)
 
     @torch.no_grad()
     def encode_image(self, x: torch.Tensor, generator: torch.Generator | None = None,
@@ -162,7 +177,7 @@ class Pipeline:
 
     # -- generation -------------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+    def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                  steps: int | None = None, guidance_scale: float | None = None,
                  height: int | None = None, width: int | None = None, seed: int | None = None,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
@@ -170,7 +185,8 @@ class Pipeline:
                  num_images_per_prompt: int = 1, output_type: str = "pil", callback=None,
                  guidance_rescale: float = 0.0, regions="auto", regions_from_t: int | None = None,
                  guidance: list | tuple = (), image=None, mask_image=None, strength: float | None = None,
-                 noise_level: int | None = None, prompt_syntax: str = "plain"):
+                 noise_level: int | None = None, prompt_syntax: str = "plain", prior_steps: int | None = None,
+                 prior_guidance_scale: float | None = None, classifier_scale: float = 0.0):
         """Images for `prompt`: `Images` (a list of PIL images whose `.request` records the settings),
         a float array (N, H, W, 3) in [0, 1] ("np"), or latents ("latent"). Defaults (None) come from
         the model's config; karras=None follows the model's scheduler config (its use_karras_sigmas).
@@ -186,22 +202,39 @@ class Pipeline:
         UNet's extra inputs or, for any other model, by putting the known latents back after every
         step. An upscaler model (SD x4) takes the low-res image and noise_level (default 20) and
         returns the image ×4. Seeds give diffusers' images (its pipelines' order of random draws).
-        prompt_syntax: "plain" (diffusers') or "a1111" (long prompts, (word:1.3); `encode_prompt`)."""
+        prompt_syntax: "plain" (diffusers') or "a1111" (long prompts, (word:1.3); `encode_prompt`).
+        The DALL·E 2 family (ldm/unclip.py): an image-variation model takes image= and no prompt; a Stable
+        unCLIP model a prompt and image= (noise_level noises its embedding, default 0), or, with a prior,
+        the prompt alone (prior_steps / prior_guidance_scale: the prior's, default 25 and 4.0).
+        classifier_scale s > 0: classifier guidance by the noisy classifier attached to the pipeline
+        (ldm/noisy_classifier.py), toward the labels each prompt names; guidance_scale=1 isolates it."""
+        from .noisy_classifier import check_classifier_scale, prompt_guidance
+        classifier_scale = check_classifier_scale(self, classifier_scale)
         req = check_request(self, prompt, negative_prompt, steps, guidance_scale, height, width, seed,
                             generator, sampler, eta, karras, num_images_per_prompt, output_type,
                             guidance_rescale, regions, regions_from_t, guidance, image, mask_image, strength,
-                            noise_level, latents, prompt_syntax)
+                            noise_level, latents, prompt_syntax, prior_steps, prior_guidance_scale)
+        if classifier_scale:              # one more wrapper, after CFG: ε − s √(1−ᾱ) ∇ log p_φ(y | z_t)
+            from dataclasses import replace
+            req = replace(req, guidance=req.guidance + (prompt_guidance(self, req.prompts, classifier_scale),))
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(req.seed)
+        return self._draw(req, generator, latents, callback)
+
+    def _draw(self, req: Request, generator: torch.Generator, latents=None, callback=None,
+              condition: Condition | None = None):
+        """The checked request's images: its image-embedding condition (drawn first, or given:
+        `interpolate`), the start latents, the guided model function, sampling, decoding."""
+        condition = embedding_condition(self, req, generator) if condition is None else condition
         noise, init, keep, extra = self._start(req, generator, latents)
-        model_fn = self.denoiser(req, extra)
+        model_fn = self.denoiser(req, extra, condition)
         z0 = sample(req.sampler, model_fn, noise, self.config.schedule, req.steps, eta=req.eta,
                     karras=req.karras, generator=generator, callback=callback, init=init,
                     strength=req.strength or 1.0, keep=keep)                  # (N, C, h, w)
-        if output_type == "latent":
+        if req.output_type == "latent":
             return z0
         x = self.decode_latents(z0)                                             # (N, 3, H, W)
-        if output_type == "np":
+        if req.output_type == "np":
             return ((x + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
         return Images(to_pil(x), req)
 
@@ -232,18 +265,24 @@ class Pipeline:
         init = encoded if req.strength < 1 else None                              # 1: from pure noise
         return noise, init, None if nine else (encoded, mask), (mask, masked) if nine else None
 
-    def denoiser(self, req: Request, extra: tuple[torch.Tensor, ...] | None = None):
+    def denoiser(self, req: Request, extra: tuple[torch.Tensor, ...] | None = None,
+                 condition: Condition | None = None):
         """The model function the sampler sees: the prompt's rows (regional at t ≥ regions_from_t),
         CFG against the negative prompts in the same batched call, the extra input channels of an
         inpainting UNet (concatenated to every row), then `req.guidance`'s wrappers. The convenient
-        keywords become guidance here, and only here."""
+        keywords become guidance here, and only here. `condition` (ldm/unclip.py): an image embedding
+        as the context (null: zeros) or as the UNet's class vector (null: zeros)."""
         syntax = req.prompt_syntax
-        context = self.encode_prompt(req.prompts, syntax)                       # (N, L, D)
-        uncond_context = context
-        if req.guidance_scale != 1:
-            unique = list(dict.fromkeys(req.negatives))                         # the null prompt once
-            enc = self.encode_prompt(unique, syntax)                            # (U, L, D)
-            uncond_context = enc[[unique.index(n) for n in req.negatives]]      # (N, L, D)
+        if condition is not None and condition.context is not None:
+            context, uncond_context = condition.context, condition.null_context   # (N, L, D)
+            uncond_context = torch.zeros_like(context) if uncond_context is None else uncond_context
+        else:
+            context = self.encode_prompt(req.prompts, syntax)                   # (N, L, D)
+            uncond_context = context
+            if req.guidance_scale != 1:
+                unique = list(dict.fromkeys(req.negatives))                     # the null prompt once
+                enc = self.encode_prompt(unique, syntax)                        # (U, L, D)
+                uncond_context = enc[[unique.index(n) for n in req.negatives]]  # (N, L, D)
         flat = [(i, r) for i, rs in enumerate(req.regions) for r in rs]
         region_context = self.encode_prompt([r.prompt for _, r in flat], syntax) if flat else None  # (R, L, D)
         # a1111: contexts of fewer 77-token chunks padded with the empty prompt's, for ONE batched call
@@ -256,7 +295,8 @@ class Pipeline:
             prompt = only_from(req.regions_from_t, regional_rows(context, region_context, owner,
                                                                  masks.to(self.device)), prompt)
         combine = cfg(req.guidance_scale, req.guidance_rescale)
-        unet = self._unet_fn(req.noise_level)
+        vector = condition.vector if condition is not None else None
+        unet = self._unet_fn(req.noise_level) if vector is None else class_vector_unet(self.unet, self.dtype, vector)
         model_fn = classifier_free(unet, prompt, uncond_context, req.guidance_scale, combine)
         if extra is not None:
             model_fn = with_channels(model_fn, *extra)

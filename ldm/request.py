@@ -16,6 +16,7 @@ from .prompt_syntax import check_syntax
 from .regions import Region, as_regions
 from .image_inputs import as_images, as_masks
 from .tiling import TILE
+from .unclip import check_embedding_inputs
 from .samplers import SAMPLERS, check_options, effective_name, steps_run
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -46,6 +47,9 @@ class Request:
     steps_run: int = 0
     noise_level: int | None = None     # an upscaler's: how much the low-res image is noised (its class label)
     prompt_syntax: str = "plain"       # "plain" (diffusers') | "a1111" (75-token chunks, (word:1.3) weights)
+    embedding_images: list | None = None  # the DALL·E 2 family: the PIL images whose CLIP embedding conditions
+    prior_steps: int | None = None        # unCLIP from text: the prior's DDPM steps and guidance (ldm/prior.py)
+    prior_guidance_scale: float | None = None
 
     @property
     def inpainting(self) -> bool:
@@ -83,10 +87,18 @@ def as_prompts(prompt, what: str) -> list[str]:
 def check_request(pipe, prompt, negative_prompt, steps, guidance_scale, height, width, seed, generator,
                   sampler, eta, karras, num_images_per_prompt, output_type, guidance_rescale, regions,
                   regions_from_t, guidance, image=None, mask_image=None, strength=None,
-                  noise_level=None, latents=None, prompt_syntax="plain") -> Request:
+                  noise_level=None, latents=None, prompt_syntax="plain", prior_steps=None,
+                  prior_guidance_scale=None) -> Request:
     """Every argument of Pipeline.__call__ checked once, in order, with a message that says what to
     do; None takes the model's default. Nothing here touches a network."""
     cfg = pipe.config
+    embedding = {}
+    if cfg.image_embedding is not None:   # image variations / Stable unCLIP: image= is the embedding's source
+        prompt, embedding = check_embedding_inputs(cfg, prompt, image, mask_image, strength, noise_level,
+                                                   prior_steps, prior_guidance_scale)
+        image = mask_image = strength = noise_level = None
+    elif prior_steps is not None or prior_guidance_scale is not None:
+        raise ValueError("prior_steps / prior_guidance_scale apply to a Stable unCLIP model with a prior; this has none")
     prompts = as_prompts(prompt, "prompt")
     negatives = _negatives(negative_prompt, len(prompts))
     check_syntax(prompt_syntax, cfg.text_encoder)
@@ -118,6 +130,9 @@ def check_request(pipe, prompt, negative_prompt, steps, guidance_scale, height, 
     check_memory(pipe, len(prompts) * n, height, width)
     guidance_rescale = check_guidance_rescale(guidance_rescale)
     per_prompt = _regions(cfg, prompts, regions)
+    if cfg.image_embedding is not None and (any(per_prompt) or cfg.text_encoder is None and negative_prompt):
+        raise ValueError("an image-embedding model takes no regional prompts (pass regions=None), and an "
+                         "image-variation model no negative_prompt (its null condition is the zero embedding)")
     regions_from_t = _regions_from_t(cfg, regions_from_t)
     if not isinstance(guidance, (list, tuple)) or not all(callable(g) for g in guidance):
         raise TypeError("guidance must be a list of functions model_fn -> model_fn (see ldm/guidance.py), "
@@ -131,8 +146,8 @@ def check_request(pipe, prompt, negative_prompt, steps, guidance_scale, height, 
     return Request(repeat(prompts), repeat(negatives), repeat(per_prompt), steps, guidance_scale,
                    guidance_rescale, sampler, karras, name, float(eta), height, width, seed,
                    regions_from_t, tuple(guidance), output_type, shape, images, masks,
-                   strength, steps_run(name, steps, 1.0 if strength is None else strength), noise_level,
-                   prompt_syntax)
+                   strength, steps_run(name, steps, 1.0 if strength is None else strength),
+                   embedding.pop("noise_level", noise_level), prompt_syntax, **embedding)
 
 
 def _image_inputs(cfg, n_prompts: int, image, mask_image, strength, noise_level):

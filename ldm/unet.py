@@ -75,6 +75,9 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
         if cfg.num_classes is not None:
             self.label_emb = nn.Embedding(cfg.num_classes, emb_ch)
+        elif cfg.adm_in_channels is not None:  # SD-compat: openaimodel's num_classes="sequential" (unCLIP)
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_ch), nn.SiLU(),
+                                                         nn.Linear(emb_ch, emb_ch)))
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_chans, ch, ds = [mc], mc, 1
@@ -119,10 +122,11 @@ class UNetModel(nn.Module):
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))  # (B, 4mc)
-        if self.config.num_classes is not None:
+        if self.config.num_classes is not None or self.config.adm_in_channels is not None:
             if y is None:
-                raise ValueError("this UNet is class-conditional: pass class labels y of shape (B,)")
-            emb = emb + self.label_emb(y)
+                raise ValueError("this UNet is class-conditional: pass class labels y of shape (B,) "
+                                 "(or vectors (B, adm_in_channels))")
+            emb = emb + self.label_emb(y.to(emb.dtype) if y.is_floating_point() else y)
         context = context.to(x.dtype)
         skips, h = [], x
         for block in self.input_blocks:

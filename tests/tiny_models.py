@@ -57,3 +57,36 @@ FAMILIES = {"sd1": tiny_sd1, "sd2": tiny_sd2}
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+# --- the DALL·E 2 family (ldm/unclip.py) ----------------------------------------------------------
+
+def tiny_image_encoder(projection_dim: int = 32, hidden_act: str = "quick_gelu"):
+    from ldm.image_config import ImageEncoderConfig
+    return ImageEncoderConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=37, image_size=32,
+                              patch_size=8, projection_dim=projection_dim, hidden_act=hidden_act)
+
+
+def tiny_variation():
+    """lambdalabs/sd-image-variations' layout: no text encoder, the CLIP image embedding as context."""
+    cfg = tiny_sd1()
+    return replace(cfg, text_encoder=None, image_embedding="context", image_encoder=tiny_image_encoder())
+
+
+def tiny_unclip(prior: bool = False):
+    """SD 2.1-unclip's layout at tiny widths: OpenCLIP text, v-prediction, the noised image embedding (32)
+    and its noise level's embedding (32) into the time embedding; with `prior`, Karlo's prior and its
+    CLIP text encoder instead of the image encoder (the StableUnCLIPPipeline folder has none)."""
+    from ldm.config import ScheduleConfig, TextEncoderConfig
+    from ldm.image_config import PriorConfig
+    cfg = tiny_sd2()
+    base = dict(unet=replace(cfg.unet, adm_in_channels=64), image_embedding="unclip",
+                embedding_noise_schedule=ScheduleConfig(beta_schedule="squaredcos_cap_v2", steps_offset=0))
+    if not prior:
+        return replace(cfg, **base, image_encoder=tiny_image_encoder(hidden_act="gelu"))
+    return replace(cfg, **base, prior=PriorConfig(num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                                                  embedding_dim=32),
+                   prior_text_encoder=TextEncoderConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=37,
+                                                        projection_dim=32),
+                   prior_schedule=ScheduleConfig(beta_schedule="squaredcos_cap_v2", prediction_type="sample",
+                                                 clip_sample=True, clip_sample_range=5.0, steps_offset=0))

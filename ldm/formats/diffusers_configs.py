@@ -31,18 +31,19 @@ UNET_KEYS = ConfigKeys(  # diffusers' UNet2DConditionModel.__init__
         # its default AttnProcessor2_0 ignores it, and like ldm/attention.py calls
         # F.scaled_dot_product_attention, whose fused kernels accumulate both in float32 anyway. In
         # float32 it changes nothing. So both values are what ldm computes.
-        "upcast_attention", "only_cross_attention"}),
+        "upcast_attention", "only_cross_attention",
+        "class_embed_type", "projection_class_embeddings_input_dim"}),  # unCLIP: "projection" of the noised embedding
     fixed={"center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0,
            "mid_block_type": "UNetMidBlock2DCrossAttn", "mid_block_only_cross_attention": (None, False),
            "downsample_padding": 1,
            "mid_block_scale_factor": 1, "dropout": 0.0, "act_fn": "silu", "norm_eps": 1e-5,
            "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
-           "num_attention_heads": None, "dual_cross_attention": False, "class_embed_type": None,
+           "num_attention_heads": None, "dual_cross_attention": False,
            "addition_embed_type": None, "addition_time_embed_dim": None, "addition_embed_type_num_heads": 64,
            "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
            "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None,
            "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
-           "projection_class_embeddings_input_dim": None, "attention_type": "default",
+           "attention_type": "default",
            "class_embeddings_concat": False, "cross_attention_norm": None})
 
 VAE_KEYS = ConfigKeys(  # diffusers' AutoencoderKL.__init__
@@ -201,6 +202,7 @@ def unet_config_from_diffusers(d: dict, vae_factor: int, where: str = "unet conf
     only = [only] * n if isinstance(only, bool) else only
     if not isinstance(only, list) or len(only) != n or not all(isinstance(v, bool) for v in only):
         raise c.invalid("only_cross_attention", f"true, false or a list of {n} of them (one per block)")
+    projection = c.choice("class_embed_type", (None, "projection"), None) == "projection"
     cfg = c.build(
         UNetConfig, in_channels=c.integer("in_channels"), out_channels=c.integer("out_channels"), model_channels=mc,
         channel_mult=tuple(b // mc for b in boc), num_res_blocks=c.uniform("layers_per_block"),
@@ -208,7 +210,9 @@ def unet_config_from_diffusers(d: dict, vae_factor: int, where: str = "unet conf
         transformer_depth=c.uniform("transformer_layers_per_block", 1),
         context_dim=c.uniform("cross_attention_dim"),
         use_linear_in_transformer=c.choice("use_linear_projection", (False, True), False),
-        num_classes=c.integer("num_class_embeds", None), disable_self_attentions=tuple(only) if any(only) else None,
+        num_classes=c.integer("num_class_embeds", None),
+        adm_in_channels=c.integer("projection_class_embeddings_input_dim") if projection else None,
+        disable_self_attentions=tuple(only) if any(only) else None,
         use_scale_shift_norm=c.choice("resnet_time_scale_shift", ("default", "scale_shift"), "default") == "scale_shift",
         norm_groups=c.integer("norm_num_groups", 32), **head_kw)
     return cfg, c.integer("sample_size", 64) * vae_factor
@@ -233,7 +237,8 @@ def unet_config_to_diffusers(cfg: UNetConfig, latent_size: int) -> dict:
         "up_block_types": [("CrossAttnUpBlock2D" if a else "UpBlock2D") for a in reversed(has_attn)],
         "use_linear_projection": cfg.use_linear_in_transformer,
         "transformer_layers_per_block": cfg.transformer_depth, "num_class_embeds": cfg.num_classes,
-        "class_embed_type": None, "only_cross_attention": list(cfg.disable_self_attentions or ()) or False,
+        "class_embed_type": "projection" if cfg.adm_in_channels else None,
+        "projection_class_embeddings_input_dim": cfg.adm_in_channels, "only_cross_attention": list(cfg.disable_self_attentions or ()) or False,
         "resnet_time_scale_shift": "scale_shift" if cfg.use_scale_shift_norm else "default",
     }
 

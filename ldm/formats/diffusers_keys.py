@@ -22,6 +22,8 @@ def _unet_prefixes(cfg: UNetConfig) -> dict[str, str]:
     m = {"input_blocks.0.0": "conv_in", "time_embed.0": "time_embedding.linear_1",
          "time_embed.2": "time_embedding.linear_2", "label_emb": "class_embedding",
          "out.0": "conv_norm_out", "out.2": "conv_out"}
+    if cfg.adm_in_channels:   # unCLIP: label_emb is an MLP, diffusers' TimestepEmbedding
+        m.update({"label_emb.0.0": "class_embedding.linear_1", "label_emb.0.2": "class_embedding.linear_2"})
 
     def resnet(ours, theirs):
         m.update({f"{ours}.{a}": f"{theirs}.{b}" for a, b in _RESNET.items()})

@@ -9,6 +9,7 @@ from dataclasses import replace
 from .. import text
 from ..config import AutoencoderConfig, LDMConfig, ScheduleConfig, TextEncoderConfig, UNetConfig
 from ..presets import x4_upscaler
+from . import unclip_parts
 from .keys import IGNORED, TEXT, UNET, VAE, split
 
 
@@ -26,12 +27,17 @@ def from_original(sd: dict, cfg: LDMConfig, use_ema: bool = False) -> dict:
         # SD-compat: CompVis LitEma names are the UNet key without "model." and without dots
         flat = {k[len("model."):].replace(".", ""): k for k in sd if k.startswith(UNET)}
         sd = {**sd, **{flat[k]: v for k, v in ema.items() if k in flat}}
-    out = {k: v for k, v in sd.items() if not any(p.match(k) for p in IGNORED)}
-    return _map_text(out, text.clip_original_to_ours) if cfg.text_encoder.kind == "clip" else out
+    out = unclip_parts.from_original({k: v for k, v in sd.items() if not any(p.match(k) for p in IGNORED)})
+    return _map_text(out, text.clip_original_to_ours) if _clip_text(cfg) else out
 
 
 def to_original(sd: dict, cfg: LDMConfig) -> dict:
-    return _map_text(sd, text.clip_ours_to_original) if cfg.text_encoder.kind == "clip" else sd
+    sd = unclip_parts.to_original(sd)
+    return _map_text(sd, text.clip_ours_to_original) if _clip_text(cfg) else sd
+
+
+def _clip_text(cfg: LDMConfig) -> bool:
+    return cfg.text_encoder is not None and cfg.text_encoder.kind == "clip"
 
 
 # What an original file's shapes can't tell -- the attention heads, and whether attn1 attends to the
@@ -144,6 +150,7 @@ def _unet_shapes(sd: dict) -> tuple[dict, dict]:
         transformer_depth=_count(u, r"middle_block\.1\.transformer_blocks\.(\d+)\."), context_dim=_context_dim(sd),
         use_linear_in_transformer=u["middle_block.1.proj_in.weight"].dim() == 2,
         num_classes=int(u["label_emb.weight"].shape[0]) if "label_emb.weight" in u else None,
+        adm_in_channels=int(u["label_emb.0.0.weight"].shape[1]) if "label_emb.0.0.weight" in u else None,
         use_scale_shift_norm=int(u["input_blocks.1.0.emb_layers.1.weight"].shape[0]) == 2 * ch0), blocks
 
 
@@ -213,5 +220,7 @@ def infer_config(sd: dict, prediction_type: str | None = None, **overrides) -> L
                                                                  kind == "openclip" else 512))
     if overrides:
         raise TypeError(f"unknown override(s) {sorted(overrides)}")
+    embedding = unclip_parts.infer_original(sd)           # SD 2.1-unclip: its image tower and noise augmentation
+    embedding.pop("adm_in_channels", None)                # the UNet's shapes told it
     return LDMConfig(unet=unet, autoencoder=vae, text_encoder=text_cfg, schedule=replace(schedule, prediction_type=pt),
-                     **rest)
+                     **rest, **embedding)

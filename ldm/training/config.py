@@ -112,9 +112,19 @@ class TrainConfig(RunConfig):
     sample_prompts: tuple[str, ...] = ("a red circle on the left", "a blue square", "two green triangles", "")
     sample_steps: int = 20
     sample_guidance_scale: float = 5.0
+    # LoRA (ldm/training/lora.py): > 0 trains only low-rank matrices of this rank beside the targets, the
+    # whole model frozen (model.text_encoder.trainable too); the export is a kohya/A1111 LoRA file
+    lora_rank: int = 0
+    lora_alpha: float = 0.0          # scale = alpha / rank (kohya, PEFT); 0: alpha = rank
+    lora_unet_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # module names / path suffixes
+    lora_text_targets: tuple[str, ...] = ()  # e.g. [q_proj, k_proj, v_proj, out_proj]; (): no text-encoder LoRA
 
     def __post_init__(self):
         super().__post_init__()
+        require(self, "lora_rank", _at_least(0), ">= 0 (0: train the model itself, no LoRA)", "")
+        require(self, "lora_alpha", _at_least(0), "a finite number >= 0 (0: the rank)", "")
+        if self.lora_rank and not (self.lora_unet_targets or self.lora_text_targets):
+            raise ValueError("lora_rank > 0 needs modules to train: set lora_unet_targets and/or lora_text_targets")
         for name in ("noise_offset", "snr_gamma"):
             require(self, name, _at_least(0), ">= 0 (0 turns it off)", "")
         require(self, "cond_drop", _probability, "a probability in [0, 1]", "")
@@ -263,14 +273,14 @@ def parse_cli(argv=None, description: str = "", extra: tuple[str, ...] = ()):
                    help="let --init/--vae read pickle files (.ckpt), which can run code when loaded")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=1e-4 (repeatable)")
-    for name in extra:
-        p.add_argument(f"--{name}", help=f"sets the config field {name}")
+    for name in extra:  # --lora-rank sets lora_rank
+        p.add_argument(f"--{name}", dest=name.replace("-", "_"), help=f"sets the config field {name.replace('-', '_')}")
     args, rest = p.parse_known_args(argv)
     for item in rest:
         if not (item.startswith("--") and "=" in item):
             p.error(f"unrecognised argument {item!r}: overrides look like --optim.lr=1e-4")
         args.overrides.append(item[2:])
-    for name in extra:
+    for name in (n.replace("-", "_") for n in extra):
         if getattr(args, name) is not None:
             args.overrides.append(f"{name}={getattr(args, name)!r}")
     return args, args.overrides

@@ -1,0 +1,1 @@
+"""`ldm serve`: the AUTOMATIC1111 HTTP API and a web page over one model worker (ldm/server/)."""

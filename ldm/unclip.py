@@ -1,0 +1,135 @@
+"""Image-embedding conditioning (the DALL·E 2 family) as data for the one sampling loop: a
+`Condition` is the decoder's conditioning drawn before the latents, in diffusers' order of random
+draws. Image variations (`image_embedding: "context"`): the CLIP image embedding is the one
+cross-attention token, the null condition the zero embedding. Stable unCLIP ("unclip"): the
+embedding, normalised by the stored mean/std, noised to `noise_level` by its own DDPM schedule and
+un-normalised, concatenated with the sinusoidal embedding of `noise_level`, is the UNet's class
+vector (`adm_in_channels`); the null condition is the all-zero vector. The embedding comes from
+the image (the CLIP encoder) or from the text (the prior, ldm/prior.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .image_encoder import ImageEncoder
+from .layers import timestep_embedding
+from .schedule import alphas_cumprod, q_sample
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What the decoder is conditioned on besides (or instead of) the prompt, one row per image:
+    `context` (N, L, D) replaces the prompt's, its null `null_context` (None: zeros); `vector` (N, K)
+    is the UNet's class vector (its null: zeros)."""
+    context: torch.Tensor | None = None
+    vector: torch.Tensor | None = None
+    null_context: torch.Tensor | None = None
+
+
+class NoiseAugmentor(nn.Module):
+    """SD 2.1-unclip's `noise_augmentor`: the CLIP embedding statistics (diffusers' image_normalizer)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("data_mean", torch.zeros(1, dim))
+        self.register_buffer("data_std", torch.ones(1, dim))
+
+    def forward(self, embeds: torch.Tensor, level: int, noise: torch.Tensor, ac: torch.Tensor) -> torch.Tensor:
+        """(B, D) embeddings -> (B, 2D): noised at `level`, then [embedding, level's embedding]."""
+        mean, std = self.data_mean.to(embeds), self.data_std.to(embeds)
+        noised = q_sample((embeds - mean) * 1.0 / std, level, noise, ac.to(embeds.device)) * std + mean
+        t = torch.full((len(embeds),), level, device=embeds.device)
+        return torch.cat([noised, timestep_embedding(t, embeds.shape[1]).to(embeds.dtype)], dim=1)
+
+
+def build_parts(model: nn.Module, cfg) -> None:
+    """The LatentDiffusion's DALL·E 2 parts, under their SD 2.1-unclip names where it has them."""
+    if cfg.image_encoder is not None:
+        model.embedder = ImageEncoder(cfg.image_encoder)
+    if cfg.image_embedding == "unclip":
+        model.noise_augmentor = NoiseAugmentor(cfg.unet.adm_in_channels // 2)
+    if cfg.prior is not None:
+        from .prior import DiffusionPrior
+        model.prior = DiffusionPrior(cfg)
+
+
+def image_embeddings(pipe, images) -> torch.Tensor:
+    """PIL image(s) -> (B, D) CLIP image embeddings in the pipeline's dtype."""
+    if getattr(pipe.model, "embedder", None) is None:
+        raise ValueError("this model has no image encoder (image_encoder in its config): it can't embed images")
+    return pipe.model.embedder.embed(images, pipe.device).to(pipe.dtype)
+
+
+def embedding_condition(pipe, req, generator: torch.Generator) -> Condition | None:
+    """The request's Condition, drawn from `generator` in diffusers' order: the prior's draws (text
+    to image embedding), then the embedding noise (unclip; even at noise_level 0). Rows: one per
+    image (req.prompts), source image i ↔ prompt i. None for a model without image embeddings."""
+    kind, n = pipe.config.image_embedding, len(req.prompts)
+    if kind is None:
+        return None
+    if req.embedding_images is not None:
+        embeds = image_embeddings(pipe, req.embedding_images)                        # (P, D)
+    else:                                                                            # text -> prior
+        embeds = pipe.model.prior.sample(req.prompts, req.prior_steps, req.prior_guidance_scale, generator,
+                                         pipe.device).to(pipe.dtype)                 # (N, D)
+    if kind == "context":
+        return Condition(context=embeds.repeat_interleave(n // len(embeds), 0)[:, None])   # (N, 1, D)
+    noise = torch.randn(embeds.shape, generator=generator, device=generator.device).to(embeds)
+    ac = alphas_cumprod(pipe.config.embedding_noise_schedule)
+    vector = pipe.model.noise_augmentor(embeds.float(), req.noise_level, noise.float(), ac)
+    return Condition(vector=vector.to(pipe.dtype).repeat_interleave(n // len(embeds), 0))  # (N, 2D)
+
+
+def class_vector_unet(unet, dtype, vector: torch.Tensor):
+    """unet(x, t, context) with the class vector of each row: the image's for the conditional rows,
+    zeros for CFG's null rows (batched as [null, conditional], ldm/guidance.py)."""
+    def fn(x, t, c):
+        y = vector if len(x) == len(vector) else torch.cat([torch.zeros_like(vector), vector])
+        return unet(x.to(dtype), t, c, y=y).float()
+    return fn
+
+
+def check_embedding_inputs(cfg, prompt, image, mask_image, strength, noise_level, prior_steps,
+                           prior_guidance_scale) -> tuple:
+    """(prompt, the Request fields of the embedding) for a model with image_embedding, checked before
+    any work. Variations: image= is required and prompt is not taken (there is no text encoder; each
+    image gets "" as its record's prompt). unCLIP: a prompt, and image= or a prior (text -> image
+    embedding); noise_level in [0, T) of the embedding's noising schedule (default 0, as diffusers)."""
+    from .checks import as_float, as_int
+    from .image_encoder import as_rgb_images
+    from .prior import PRIOR_GUIDANCE_SCALE, PRIOR_STEPS
+    kind = cfg.image_embedding
+    given = [n for n, v in (("mask_image", mask_image), ("strength", strength)) if v is not None]
+    if given:
+        raise ValueError(f"{given[0]} is not taken by an image-embedding model (image variations / unCLIP): "
+                         f"image= is the picture whose CLIP embedding conditions the drawing")
+    images = None if image is None else as_rgb_images(image)
+    if kind == "context":
+        if images is None:
+            raise ValueError("this is an image-variation model: pass image= (a PIL RGB image or a list of them)")
+        if prompt not in (None, "") and prompt != [""] * len(images):
+            raise ValueError("this image-variation model has no text encoder: it draws from the image alone; "
+                             "leave prompt out")
+        if noise_level is not None or prior_steps is not None or prior_guidance_scale is not None:
+            raise ValueError("noise_level / prior_steps / prior_guidance_scale apply to Stable unCLIP models, "
+                             "not to an image-variation model")
+        return [""] * len(images), dict(embedding_images=images)
+    if images is None and cfg.prior is None:
+        raise ValueError("this Stable unCLIP model has no prior: pass image= (the picture to vary)")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if images is not None and isinstance(prompts, (list, tuple)) and len(images) not in (1, len(prompts)):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts: give one image, or one per prompt")
+    T = cfg.embedding_noise_schedule.num_train_timesteps
+    level = as_int(0 if noise_level is None else noise_level, "noise_level", 0, T - 1,
+                   hint=" (how much the image embedding is noised; 0 = none, as diffusers)")
+    if images is not None and (prior_steps is not None or prior_guidance_scale is not None):
+        raise ValueError("prior_steps / prior_guidance_scale apply when the prior draws the embedding from "
+                         "the text: leave them out with image=")
+    steps = as_int(PRIOR_STEPS if prior_steps is None else prior_steps, "prior_steps", 1,
+                   cfg.prior_schedule.num_train_timesteps if cfg.prior_schedule else 1000)
+    scale = as_float(PRIOR_GUIDANCE_SCALE if prior_guidance_scale is None else prior_guidance_scale,
+                     "prior_guidance_scale", 0, hint=" (1 = no guidance)")
+    prior = dict(prior_steps=steps, prior_guidance_scale=scale) if images is None else {}
+    return prompt, dict(embedding_images=images, noise_level=level, **prior)
