@@ -134,7 +134,7 @@ def main(argv=None) -> None:
     denoiser = Denoiser(model.unet, model.cond_stage_model if text_in_forward else None, network)
     watched = network if lora else model  # the weights that train, for the test hooks
     n_params = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
-    run.say(f"training {n_params / 1e6:.1f}M parameters on {len(train_items)} images at {resolution} px, "
+    run.say(f"training {n_params / 1e6:.3g}M {'LoRA ' if lora else ''}parameters on {len(train_items)} images at {resolution} px, "
             f"{accelerator.num_processes} process(es), {run.per_step} images per step")
 
     # -- data -------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ class LoraLayer(nn.Module):
             self.lora_down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False)
             self.lora_up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
         else:
-            raise ValueError(f"LoRA targets Linear and plain Conv2d layers, not {base!r}")
+            raise ValueError(f"LoRA targets Linear and plain Conv2d layers, not {type(base).__name__}: "
+                             f"name those inside it (e.g. to_q, not attn1)")
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))  # kohya / PEFT: the LoRA starts as a no-op
         nn.init.zeros_(self.lora_up.weight)
         self.register_buffer("alpha", torch.tensor(float(alpha)))  # in the file: scale = alpha / rank
