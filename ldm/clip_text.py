@@ -22,8 +22,13 @@ ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
 class Embeddings(nn.Module):
     def __init__(self, vocab_size: int, width: int, max_length: int):
         super().__init__()
-        self.token_embedding = nn.Embedding(vocab_size, width)
-        self.position_embedding = nn.Embedding(max_length, width)
+        # transformers' init (normal, std 0.02), skipped for meta tensors (loading a checkpoint): normal_
+        # on the meta device imports torch._dynamo, ~2 s of start-up
+        self.token_embedding = nn.Embedding(vocab_size, width, _weight=torch.empty(vocab_size, width))
+        self.position_embedding = nn.Embedding(max_length, width, _weight=torch.empty(max_length, width))
+        for emb in (self.token_embedding, self.position_embedding):
+            if not emb.weight.is_meta:
+                nn.init.normal_(emb.weight, std=0.02)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.token_embedding(tokens) + self.position_embedding.weight[: tokens.shape[1]]
