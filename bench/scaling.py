@@ -61,6 +61,9 @@ def main(argv=None):
     print("| size | batch | steps | ldm (s) | diffusers (s) | ldm / diffusers | ldm peak (GB) | diffusers peak (GB) |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
     rows = []
+    with torch.inference_mode():                        # warm-up: first calls allocate and page weights in
+        ours("a", steps=1, height=min(args.sizes), width=min(args.sizes))
+        ref("a", num_inference_steps=1, height=min(args.sizes), width=min(args.sizes))
     for size, batch, steps in itertools.product(args.sizes, args.batches, args.steps):
         def ours_gen():
             ours("a photo of a cat", steps=steps, guidance_scale=7.5, seed=0, height=size, width=size,
