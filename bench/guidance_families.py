@@ -4,6 +4,7 @@
     pip install -e ".[bench,metrics]"
     python bench/guidance_families.py --classifier out/classifier/classifier.safetensors \
         [--prompts 60] [--diversity-prompts 4] [--families cfg classifier classifier@5 semantic]
+        [--scales classifier=1,4,16 semantic=0.25,1] [--json rows.json] [--no-report]
 
 Families (each a scale sweep; everything else at the model's defaults, regions as by default):
 - cfg: classifier-free guidance, guidance_scale s.
@@ -92,11 +93,11 @@ def renders(prompts, size: int, folder: Path) -> Path:
     return folder
 
 
-def run(pipe, families, prompts, div_prompts, reference: Path, scales=None) -> list[dict]:
+def run(pipe, families, prompts, div_prompts, reference: Path, scales=SCALES) -> list[dict]:
     from ldm.metrics import fid
     rows = []
     for family in families:
-        for s in scales or SCALES[family]:
+        for s in scales[family]:
             start = time.perf_counter()
             images = draw(pipe, family, s, prompts, list(range(len(prompts))))
             result = evaluate(images, prompts)
@@ -148,7 +149,8 @@ def main():
     ap.add_argument("--prompts", type=int, default=60)
     ap.add_argument("--diversity-prompts", type=int, default=4)
     ap.add_argument("--families", nargs="+", default=list(SCALES), choices=list(SCALES))
-    ap.add_argument("--scales", type=float, nargs="+", help="override every family's scales")
+    ap.add_argument("--scales", nargs="+", metavar="FAMILY=S,S", default=[],
+                    help="other scales for a family, e.g. classifier=2,8")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--no-report", action="store_true", help="print the rows only (docs/ untouched)")
     args = ap.parse_args()
@@ -160,7 +162,8 @@ def main():
     subset, div_prompts = spread(prompts, args.prompts), spread(prompts, args.diversity_prompts)
     with tempfile.TemporaryDirectory() as tmp:
         reference = renders(subset, pipe.config.sample_size, Path(tmp) / "renders")
-        rows = run(pipe, args.families, subset, div_prompts, reference, args.scales)
+        scales = {f: tuple(map(float, v.split(","))) for f, _, v in (a.partition("=") for a in args.scales)}
+        rows = run(pipe, args.families, subset, div_prompts, reference, {**SCALES, **scales})
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if not args.no_report:

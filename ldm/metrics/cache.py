@@ -36,7 +36,7 @@ class FeatureCache:
     def put(self, sha: str, features: np.ndarray) -> None:
         """Written to a temporary file and renamed, so a killed run never leaves half an entry;
         a cache that can't be written (read-only home) is no error, only slower next time."""
-        path = self._path(sha)
+        path, tmp = self._path(sha), None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -44,4 +44,5 @@ class FeatureCache:
                 np.save(f, features, allow_pickle=False)
             os.replace(tmp, path)
         except OSError:
-            return
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
