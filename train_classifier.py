@@ -1,4 +1,4 @@
-"""Train a noise-aware classifier p_φ(grid | z_t, t) (ldm/noisy_classifier.py) on the latents of a
+"""Train a noise-aware classifier p_φ(grid | z_t, t) (ldm/shapes/noisy_classifier.py) on the latents of a
 model's autoencoder, for classifier guidance (`pipe(prompt, classifier_scale=s)`).
 
     python train_classifier.py                                   # the default model, shape scenes
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldm import noisy_classifier as nc
+from ldm.shapes import noisy_classifier as nc
 from ldm.config import apply_overrides, from_dict, read_yaml, require
 from ldm.schedule import alphas_cumprod, q_sample
 from ldm.training.config import RunConfig, parse_cli

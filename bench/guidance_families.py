@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldm import noisy_classifier as nc
+from ldm.shapes import noisy_classifier as nc
 from ldm.pipeline import Pipeline
 from ldm.semantic_guidance import semantic_guidance
 from ldm.schedule import alphas_cumprod

@@ -144,3 +144,19 @@ def classifier_guidance(model_fn: ModelFn, grad_log_prob_fn: ModelFn, alphas_cum
         grad = grad_log_prob_fn(x, t)
         return eps - guidance_scale * _sqrt_one_minus_alpha_bar(alphas_cumprod, t, x) * grad
     return guided
+
+
+def check_classifier_scale(pipe, scale) -> float:
+    """classifier_scale as a float ≥ 0; > 0 needs a classifier attached to the pipeline (an object
+    with `.guidance(pipe, prompts, scale) -> wrapper`, e.g. ldm.shapes.noisy_classifier.attach) and
+    an ε-prediction model."""
+    from .checks import as_float
+    scale = as_float(scale, "classifier_scale", 0, hint=" (0 = no classifier guidance)")
+    if scale and getattr(pipe, "classifier", None) is None:
+        raise ValueError("classifier_scale > 0 needs a noisy classifier attached to the pipeline: for the "
+                         "default model, ldm.shapes.noisy_classifier.attach(pipe, 'classifier.safetensors') "
+                         "(train one with train_classifier.py)")
+    if scale and pipe.config.schedule.prediction_type != "epsilon":
+        raise ValueError(f"classifier guidance here shifts ε; this model predicts "
+                         f"{pipe.config.schedule.prediction_type}")
+    return scale

@@ -15,7 +15,7 @@ from .config import LDMConfig
 from .diffusion import LatentDiffusion
 from .checks import check_device
 from .prompt_syntax import check_syntax, encode_weighted, pad_chunks
-from .guidance import cfg, classifier_free, only_from, prompt_rows, with_channels
+from .guidance import cfg, check_classifier_scale, classifier_free, only_from, prompt_rows, with_channels
 from .regions import box_mask, regional_rows
 from .request import Images, Request, as_prompts, check_request
 from .schedule import alphas_cumprod, q_sample
@@ -207,8 +207,8 @@ class Pipeline:
         unCLIP model a prompt and image= (noise_level noises its embedding, default 0), or, with a prior,
         the prompt alone (prior_steps / prior_guidance_scale: the prior's, default 25 and 4.0).
         classifier_scale s > 0: classifier guidance by the noisy classifier attached to the pipeline
-        (ldm/noisy_classifier.py), toward the labels each prompt names; guidance_scale=1 isolates it."""
-        from .noisy_classifier import check_classifier_scale, prompt_guidance
+        (`pipe.classifier`; the default model's: ldm/shapes/noisy_classifier.py), toward what each
+        prompt names; guidance_scale=1 isolates it."""
         classifier_scale = check_classifier_scale(self, classifier_scale)
         req = check_request(self, prompt, negative_prompt, steps, guidance_scale, height, width, seed,
                             generator, sampler, eta, karras, num_images_per_prompt, output_type,
@@ -216,7 +216,7 @@ class Pipeline:
                             noise_level, latents, prompt_syntax, prior_steps, prior_guidance_scale)
         if classifier_scale:              # one more wrapper, after CFG: ε − s √(1−ᾱ) ∇ log p_φ(y | z_t)
             from dataclasses import replace
-            req = replace(req, guidance=req.guidance + (prompt_guidance(self, req.prompts, classifier_scale),))
+            req = replace(req, guidance=req.guidance + (self.classifier.guidance(self, req.prompts, classifier_scale),))
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(req.seed)
         return self._draw(req, generator, latents, callback)

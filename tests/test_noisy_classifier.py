@@ -1,11 +1,11 @@
-"""ldm.noisy_classifier: grid labels of scenes and prompts, the constrained best grid, save/load, and
+"""ldm.shapes.noisy_classifier: grid labels of scenes and prompts, the constrained best grid, save/load, and
 `pipe(prompt, classifier_scale=s)` (a tiny random pipeline and classifier)."""
 import math
 
 import pytest
 import torch
 
-from ldm import noisy_classifier as nc
+from ldm.shapes import noisy_classifier as nc
 from ldm.shapes.scenes import scene_from_prompt
 
 CFG = nc.ClassifierConfig()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import timestep_embedding
+from ..layers import timestep_embedding
 
 EMPTY = 0
 
@@ -75,6 +75,10 @@ class NoisyClassifier(nn.Module):
         out = self.head(F.adaptive_avg_pool2d(h, self.config.grid))                  # (B, 1+S+K, G, G)
         return out.split([1 + len(self.config.shapes), len(self.config.colours)], dim=1)
 
+    def guidance(self, pipe, prompts: list[str], scale: float):
+        """What `pipe(prompts, classifier_scale=scale)` adds to its guidance (see `prompt_guidance`)."""
+        return prompt_guidance(pipe, prompts, scale)
+
 
 def loss(classifier: NoisyClassifier, z_t, t, labels) -> tuple[torch.Tensor, dict]:
     """Cross-entropy of every cell's shape (empty included) and of the colour of occupied cells.
@@ -92,7 +96,7 @@ def loss(classifier: NoisyClassifier, z_t, t, labels) -> tuple[torch.Tensor, dic
 # -- saving and loading: one .safetensors with the config in its metadata --------------------------
 
 def save(classifier: NoisyClassifier, path, state_dict: dict | None = None) -> Path:
-    from .formats.files import write_safetensors
+    from ..formats.files import write_safetensors
     sd = {k: v.detach().contiguous().cpu() for k, v in (state_dict or classifier.state_dict()).items()}
     write_safetensors(sd, path, {"ldm_classifier_config": json.dumps(asdict(classifier.config))})
     return Path(path)
@@ -158,7 +162,7 @@ class PromptTarget:
 def prompt_target(prompt: str, config: ClassifierConfig = ClassifierConfig()) -> PromptTarget | None:
     """The grid constraints of a shape-world prompt; None for prompts the grammar can't read or that
     don't fit the grid (then the prompt is not guided)."""
-    from .shapes.prompts import parse
+    from .prompts import parse
     try:
         spec = parse(prompt)
     except ValueError:
@@ -230,7 +234,7 @@ def prompt_log_prob(classifier: NoisyClassifier, targets: list[PromptTarget | No
 
 def attach(pipe, classifier: NoisyClassifier | str | Path) -> NoisyClassifier:
     """Give `pipe` a noisy classifier (a module or a file from train_classifier.py) for
-    `pipe(prompt, classifier_scale=s)`; it must read the pipeline's latents."""
+    `pipe(prompt, classifier_scale=s)`, which calls its `guidance`; it must read the pipeline's latents."""
     if not isinstance(classifier, NoisyClassifier):
         classifier = load(classifier)
     if classifier.config.in_channels != pipe.config.unet.in_channels:
@@ -240,24 +244,11 @@ def attach(pipe, classifier: NoisyClassifier | str | Path) -> NoisyClassifier:
     return pipe.classifier
 
 
-def check_classifier_scale(pipe, scale) -> float:
-    """classifier_scale as a float ≥ 0; > 0 needs an attached classifier and an ε-prediction model."""
-    from .checks import as_float
-    scale = as_float(scale, "classifier_scale", 0, hint=" (0 = no classifier guidance)")
-    if scale and getattr(pipe, "classifier", None) is None:
-        raise ValueError("classifier_scale > 0 needs a noisy classifier: ldm.noisy_classifier.attach(pipe, "
-                         "'classifier.safetensors') (train one with train_classifier.py)")
-    if scale and pipe.config.schedule.prediction_type != "epsilon":
-        raise ValueError(f"classifier guidance here shifts ε; this model predicts "
-                         f"{pipe.config.schedule.prediction_type}")
-    return scale
-
-
 def prompt_guidance(pipe, prompts: list[str], scale: float):
     """The wrapper model_fn -> model_fn for `pipe.guidance`: classifier guidance by
     ∇_{z_t} log p_φ(grid of prompt i | z_t) for image i (Dhariwal & Nichol, Alg. 2)."""
-    from .guidance import classifier_guidance, gradient_of
-    from .schedule import alphas_cumprod
+    from ..guidance import classifier_guidance, gradient_of
+    from ..schedule import alphas_cumprod
     classifier = pipe.classifier
     score = prompt_log_prob(classifier, [prompt_target(p, classifier.config) for p in prompts])
     ac = alphas_cumprod(pipe.config.schedule)
