@@ -285,7 +285,7 @@ def test_unsupported_input_channels_are_named():
 @pytest.mark.parametrize("key,value,match", [
     ("only_cross_attention", [True, False], "only_cross_attention=.*a list of 4"),
     ("only_cross_attention", "yes", "only_cross_attention=.*true, false or a list"),
-    ("class_embed_type", "timestep", "class_embed_type='timestep' is not supported"),
+    ("class_embed_type", "timestep", "class_embed_type='timestep' is invalid: expected one of None, 'projection'"),
     ("num_class_embeds", 0, "num_class_embeds=0 is invalid"),
 ])
 def test_bad_diffusers_unet_keys_are_named(key, value, match):
