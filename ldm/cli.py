@@ -120,8 +120,9 @@ def cmd_generate(args) -> int:
     if getattr(args, "prompts_file", None):
         from .batch import run_batch
         return run_batch(args, sys.modules[__name__])     # batch.py reuses this module's checks
-    if args.prompt is None:
-        raise ValueError("give a PROMPT (or --prompts-file FILE with one prompt per line)")
+    if args.prompt is None and not getattr(args, "image", None):   # image variations need no prompt
+        raise ValueError("give a PROMPT (or --prompts-file FILE with one prompt per line; or, for an "
+                         "image-variation model, --image)")
     check_generate_args(args)
     paths = output_paths(Path(args.output), args.n)
     check_outputs(paths)

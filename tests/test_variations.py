@@ -138,3 +138,22 @@ def test_shape_world_clip_learns_to_match_scenes_and_captions():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first and retrieval(model, pixels, captions)["image_to_text"] >= max(before, 0.75)
+
+
+def test_cli_draws_variations_of_an_image_without_a_prompt(tmp_path):
+    """`ldm generate --image in.png -n 2 --model <variation model>`: no prompt, the same pictures as
+    the Python call, the PNG parameters written."""
+    from ldm.cli import main as cli
+    pipe = Pipeline(random_model(tiny_variation()))
+    model, src = tmp_path / "variation.safetensors", tmp_path / "in.png"
+    pipe.save_pretrained(model)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(src)
+    out = tmp_path / "v.png"
+    assert cli(["generate", "--image", str(src), "--model", str(model), "-n", "2", "--steps", "2",
+                "--seed", "3", "-o", str(out), "-q"]) == 0
+    ref = pipe(image=Image.open(src).convert("RGB"), num_images_per_prompt=2, steps=2, seed=3)
+    paths = sorted(tmp_path.glob("v-*.png"))
+    assert len(paths) == 2
+    for i, path in enumerate(paths):
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(ref[i]))
+        assert "Seed: 3" in Image.open(path).text["parameters"]
