@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_generate import build  # noqa: E402
+from ldm.precision import NAMES  # noqa: E402
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class StepClock:
@@ -59,13 +59,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="sd15")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="fp16", choices=sorted(NAMES))
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="torch.compile both UNets (mode max-autotune)")
     args = p.parse_args(argv)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), NAMES[args.dtype]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True

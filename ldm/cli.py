@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 from .outputs import check_outputs, model_hash, output_paths, png_parameters, save_image
+from .precision import NAMES as DTYPE_NAMES
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
-RUN_DTYPES = sorted(DTYPES) + ["auto"]      # auto: ldm/precision.py picks what this device computes natively
+RUN_DTYPES = sorted(DTYPE_NAMES) + ["auto"]      # auto: ldm/precision.py picks what this device computes natively
 
 
 def check_generate_args(args) -> None:
@@ -113,7 +112,6 @@ def lora_requests(args, prompt: str | None) -> tuple[str | None, list[tuple[Path
 def cmd_generate(args) -> int:
     """`ldm generate`, `ldm upscale` and `ldm outpaint`: one loop over batches of -n, each command
     only choosing what one batch calls (`_draw`)."""
-    import torch
     from tqdm import tqdm
 
     from .pipeline import Pipeline, default_model_path
@@ -191,8 +189,7 @@ def cmd_convert(args) -> int:
     if args.set:
         from .settings import set_settings
         pipe.model.config = set_settings(pipe.config, args.set)
-    import torch
-    pipe.save_pretrained(args.dst, args.to, dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None)
+    pipe.save_pretrained(args.dst, args.to, dtype=DTYPE_NAMES[args.dtype] if args.dtype else None)
     print(args.dst)
     return 0
 
@@ -298,7 +295,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     c.add_argument("src", help="our .safetensors, an original SD .safetensors/.ckpt or a diffusers folder")
     c.add_argument("dst")
     c.add_argument("--to", required=True, choices=["ldm", "original", "diffusers"])
-    c.add_argument("--dtype", choices=sorted(DTYPES), help="store weights in this dtype")
+    c.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="store weights in this dtype")
     c.add_argument("--prediction-type", choices=["epsilon", "v_prediction"])
     c.add_argument("--use-ema", action="store_true", help="take the UNet from the EMA weights")
     c.add_argument("--allow-pickle", action="store_true")

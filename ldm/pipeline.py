@@ -78,13 +78,13 @@ class Pipeline:
         default model. `config` overrides what a file says or implies: an LDMConfig, an ldm .yaml/.json
         config file, or a diffusers folder of the model (needed for an original file that is not SD1/SD2);
         `prediction_type` too ("v_prediction" for SD2.x-768, which tensor shapes can't tell)."""
-        check_device(device)                             # before reading gigabytes
+        dtype = precision.resolve(dtype, check_device(device), warn=False)   # before reading gigabytes
         path = Path(path) if path is not None else default_model_path()
         cfg, sd = checkpoint.load(path, config, prediction_type=prediction_type, use_ema=use_ema,
                                   allow_pickle=allow_pickle)
         with init_empty_weights(include_buffers=False):  # no random init; buffers stay real
             model = LatentDiffusion(cfg)
-        checkpoint.load_into(model, sd, str(path), precision.resolve(dtype, check_device(device), warn=False))
+        checkpoint.load_into(model, sd, str(path), dtype)
         return cls(model, device, dtype, source=str(path))
 
     def save_pretrained(self, path: str | Path, format: str = "ldm", dtype: torch.dtype | None = None):
