@@ -117,15 +117,7 @@ def main(argv=None) -> None:
         z_t = q_sample(z0, t, torch.randn_like(z0), ac)
         with accelerator.autocast():
             value, stats = nc.loss(classifier, z_t, t, batch["labels"])
-        accelerator.backward(value)
-        if cfg.optim.grad_clip:
-            accelerator.clip_grad_norm_(classifier.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        run.step_done(scheduler)
-        if run.log_due():
-            run.write_log(run.log_record({"loss": float(value), **stats}, scheduler), loss=f"{float(value):.3f}")
-        run.checkpoint_if_due()
+        run.train_step(value, classifier, optimizer, scheduler, **stats)
     sd = run.final_weights(classifier, model=accelerator.unwrap_model(classifier))
     if run.main_process:
         nc.save(accelerator.unwrap_model(classifier), run.export, sd)

@@ -69,7 +69,6 @@ def run_batch(args, cli) -> int:
     output folder), then draws this process's share. `cli`: the ldm.cli module, whose checks and
     drawing this reuses (passed in by it rather than imported back, so imports stay one-way)."""
     from .outputs import IMAGE_FORMATS, model_hash, png_parameters, save_image
-    from .pipeline import Pipeline, default_model_path
     cli.check_generate_args(args)
     if args.prompt is not None:
         raise ValueError("give a PROMPT or --prompts-file FILE, not both")
@@ -86,11 +85,8 @@ def run_batch(args, cli) -> int:
     with state.split_between_processes(items) as mine:
         todo = [it for it in mine if not (out / it.file_name).exists()]
     if todo:
-        model = Path(args.model) if args.model else default_model_path()
         device = state.device if args.device == "cuda" and state.num_processes > 1 else args.device
-        pipe = Pipeline.from_pretrained(model, device=device, dtype=args.dtype,
-                                        prediction_type=args.prediction_type, allow_pickle=args.allow_pickle,
-                                        config=args.config)
+        pipe, model = cli.load_pipeline(Namespace(**{**vars(args), "device": device}))
         hash_ = model_hash(model)
         syntax = args.prompt_syntax or ("plain" if pipe.config.text_encoder.kind == "t5" else "a1111")
         for it in todo:
@@ -101,7 +97,8 @@ def run_batch(args, cli) -> int:
                       prompt_syntax=syntax)
             with loras_loaded(pipe, its_loras, cli._free_name):
                 images = cli._draw(Namespace(**{**vars(args), "prompt": prompt}), pipe, image, mask, kw)
-                info = dict(images.request.record(0), hires=args.hires, prompt=it.prompt)
+                info = dict(images.request.record(0), hires=args.hires, prompt=it.prompt,
+                            classifier_scale=args.classifier_scale)
                 save_image(images[0], out / it.file_name, png_parameters(info, model.name, hash_, pipe.loras))
             print(out / it.file_name, flush=True)
     state.wait_for_everyone()

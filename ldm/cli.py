@@ -45,6 +45,45 @@ def check_generate_args(args) -> None:
         as_float(args.hires, "--hires", 1.0, 8.0, hint=" (the factor the first pass is upscaled by)")
         if args.image:
             raise ValueError("--hires is for text-to-image; with --image, pass the size you want instead")
+    if getattr(args, "variations", None) is not None:
+        as_int(args.variations, "--variations", 1)
+        if not args.image or args.mask or args.n != 1:
+            raise ValueError("--variations N draws N variations of --image (no --mask, no -n)")
+        args.n = args.variations
+    if getattr(args, "classifier_scale", None) is not None:
+        as_float(args.classifier_scale, "--classifier-scale", 0, hint=" (0 = no classifier guidance)")
+    if getattr(args, "classifier", None) and not getattr(args, "classifier_scale", None):
+        raise ValueError("--classifier guides only with --classifier-scale S > 0")
+
+
+def load_pipeline(args):
+    """(pipeline, model path) for a drawing command: --model, or the default model (its unCLIP form
+    for --variations), with the noisy classifier attached for --classifier-scale."""
+    from .pipeline import DEFAULT_CLASSIFIER, DEFAULT_UNCLIP, Pipeline, default_model_path
+    if args.model:
+        model = Path(args.model)
+    elif getattr(args, "variations", None) is not None:
+        model = DEFAULT_UNCLIP
+        if not model.is_file():
+            raise ValueError(f"--variations with the default model needs {model} (python train_unclip.py), "
+                             f"or pass --model with an image-variation / unCLIP model")
+    else:
+        model = default_model_path()
+    classifier = None
+    if getattr(args, "classifier_scale", None):
+        classifier = Path(args.classifier) if args.classifier else DEFAULT_CLASSIFIER
+        if not args.classifier and args.model:
+            raise ValueError("--classifier-scale with --model needs --classifier PATH (a noisy classifier "
+                             "trained for that model's latents: train_classifier.py)")
+        if not classifier.is_file():
+            raise ValueError(f"--classifier {classifier}: no such file (train one with train_classifier.py)")
+    pipe = Pipeline.from_pretrained(model, device=args.device, dtype=args.dtype,
+                                    prediction_type=args.prediction_type, allow_pickle=args.allow_pickle,
+                                    config=args.config)
+    if classifier is not None:
+        from .shapes.noisy_classifier import attach
+        attach(pipe, classifier)
+    return pipe, model
 
 
 def read_image(path: str, what: str, mode: str | None = "RGB"):
@@ -114,7 +153,6 @@ def cmd_generate(args) -> int:
     only choosing what one batch calls (`_draw`)."""
     from tqdm import tqdm
 
-    from .pipeline import Pipeline, default_model_path
     if getattr(args, "prompts_file", None):
         from .batch import run_batch
         return run_batch(args, sys.modules[__name__])     # batch.py reuses this module's checks
@@ -129,10 +167,7 @@ def cmd_generate(args) -> int:
     regions = [parse_region(r) for r in args.region] if args.region else None if args.no_regions else "auto"
     written_prompt = args.prompt
     args.prompt, loras = lora_requests(args, args.prompt)
-    model = Path(args.model) if args.model else default_model_path()
-    pipe = Pipeline.from_pretrained(model, device=args.device, dtype=args.dtype,
-                                    prediction_type=args.prediction_type, allow_pickle=args.allow_pickle,
-                                    config=args.config)
+    pipe, model = load_pipeline(args)
     for path, scale in loras:
         pipe.load_lora(path, scale, name=_free_name(pipe, path.stem))
     if args.compile:
@@ -151,7 +186,8 @@ def cmd_generate(args) -> int:
                       prompt_syntax=syntax, callback=lambda d: bar.update(1))
             images = _draw(args, pipe, image, mask, kw)
             for i, (im, path) in enumerate(zip(images, batch)):
-                info = dict(images.request.record(i), hires=getattr(args, "hires", None))
+                info = dict(images.request.record(i), hires=getattr(args, "hires", None),
+                            classifier_scale=getattr(args, "classifier_scale", None))
                 if written_prompt != args.prompt:      # A1111 writes the prompt with its <lora:…> tags
                     info["prompt"] = written_prompt
                 save_image(im, path, png_parameters(info, model.name, hash_, pipe.loras))
@@ -177,6 +213,8 @@ def _draw(args, pipe, image, mask, kw):
         return outpaint(pipe, args.prompt, image, left=args.left, right=args.right, top=args.top,
                         bottom=args.bottom, strength=args.strength, **kw)
     kw.update(height=args.height, width=args.width)
+    if args.classifier_scale:
+        kw.update(classifier_scale=args.classifier_scale)
     if args.hires is not None:
         return hires(pipe, args.prompt, scale=args.hires, strength=args.hires_strength, **kw)
     return pipe(args.prompt, image=image, mask_image=mask, strength=args.strength, **kw)
@@ -271,6 +309,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--hires", type=float, metavar="K",
                    help="hires fix: draw, upscale the pixels ×K, img2img at that size (A1111's)")
     g.add_argument("--hires-strength", type=float, default=0.5, help="the hires pass's strength (default 0.5)")
+    g.add_argument("--variations", type=int, metavar="N",
+                   help="N variations of --image (no prompt needed): an image-variation / unCLIP --model, "
+                        "by default the default model's unCLIP form (weights/ldm-default-unclip.safetensors)")
+    g.add_argument("--classifier-scale", type=float, metavar="S",
+                   help="classifier guidance by a noisy classifier toward what the prompt names (default "
+                        "model: weights/ldm-default-classifier.safetensors; train_classifier.py)")
+    g.add_argument("--classifier", metavar="PATH", help="the noisy classifier for --classifier-scale")
     g.set_defaults(func=cmd_generate)
 
     u = sub.add_parser("upscale", parents=[common], help="×4 an image with an upscaler model (SD x4)",

@@ -95,7 +95,8 @@ def check_embedding_inputs(cfg, prompt, image, mask_image, strength, noise_level
                            prior_guidance_scale) -> tuple:
     """(prompt, the Request fields of the embedding) for a model with image_embedding, checked before
     any work. Variations: image= is required and prompt is not taken (there is no text encoder; each
-    image gets "" as its record's prompt). unCLIP: a prompt, and image= or a prior (text -> image
+    image gets "" as its record's prompt). unCLIP: a prompt (or none with image=: "" per image, as
+    diffusers), and image= or a prior (text -> image
     embedding); noise_level in [0, T) of the embedding's noising schedule (default 0, as diffusers)."""
     from .checks import as_float, as_int
     from .image_encoder import as_rgb_images
@@ -118,6 +119,10 @@ def check_embedding_inputs(cfg, prompt, image, mask_image, strength, noise_level
         return [""] * len(images), dict(embedding_images=images)
     if images is None and cfg.prior is None:
         raise ValueError("this Stable unCLIP model has no prior: pass image= (the picture to vary)")
+    if images is None and prompt is None:
+        raise ValueError("give a prompt (the prior draws its image embedding) or image= (variations)")
+    if prompt is None:                   # variations: "" for each image, as StableUnCLIPImg2ImgPipeline
+        prompt = [""] * len(images)
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if images is not None and isinstance(prompts, (list, tuple)) and len(images) not in (1, len(prompts)):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts: give one image, or one per prompt")

@@ -92,6 +92,11 @@ def test_eval_generates_from_a_model_and_scores(saved, tmp_path, capsys):
     (["--device", "cuda:7" if __import__("torch").cuda.is_available() else "cuda"], "CUDA|only"),
     (["--device", "tpu"], "device"),
     (["--region", "a@0,0,1,1", "--no-regions"], "contradict"),
+    (["--classifier-scale", "-1"], "--classifier-scale must be a finite number ≥ 0"),
+    (["--classifier", "c.safetensors"], "--classifier guides only with --classifier-scale"),
+    (["--classifier-scale", "2"], "--classifier-scale with --model needs --classifier PATH"),
+    (["--variations", "2"], "--variations N draws N variations of --image"),
+    (["--variations", "0"], "--variations must be an integer ≥ 1"),
 ])
 def test_generate_flags_checked_like_the_api_before_loading(tmp_path, capsys, flags, match):
     # no --model file exists: a check that ran after loading would report the missing model instead

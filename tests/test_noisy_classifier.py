@@ -2,6 +2,7 @@
 `pipe(prompt, classifier_scale=s)` (a tiny random pipeline and classifier)."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -117,3 +118,25 @@ def test_pipeline_classifier_scale(saved):
         assert float(target(guided[:1], t)) > float(target(plain[:1], t))
     finally:
         del pipe.classifier
+
+
+def test_cli_classifier_scale_uses_the_shipped_classifier(tmp_path):
+    """`ldm generate --classifier-scale S` on the default model: the classifier shipped beside it,
+    the same picture as the Python call with it attached, the scale in the PNG's parameters."""
+    from PIL import Image
+
+    from ldm import Pipeline
+    from ldm.cli import main as cli
+    from ldm.pipeline import DEFAULT_CLASSIFIER
+    out = tmp_path / "guided.png"
+    kw = dict(steps=3, seed=5, guidance_scale=1.0)
+    assert cli(["generate", "two red circles", "-o", str(out), "--steps", "3", "--seed", "5", "--scale", "1",
+                "--classifier-scale", "4", "-q"]) == 0
+    pipe = Pipeline.from_pretrained(None)
+    nc.attach(pipe, DEFAULT_CLASSIFIER)
+    ref = pipe("two red circles", classifier_scale=4.0, **kw)[0]
+    plain = pipe("two red circles", **kw)[0]
+    img = Image.open(out)
+    assert np.array_equal(np.asarray(img), np.asarray(ref))
+    assert not np.array_equal(np.asarray(ref), np.asarray(plain))
+    assert img.text["classifier_scale"] == "4.0" and "Classifier scale: 4.0" in img.text["parameters"]

@@ -152,6 +152,23 @@ class Run:
         self.step += 1
         self._pbar.update(1)
 
+    def train_step(self, loss, module, optimizer, lr_scheduler, ema=None, **stats) -> None:
+        """One optimizer step of a one-micro-batch loop (train_classifier.py, train_unclip.py):
+        backward, clip, step, EMA, the log when due, a checkpoint when due."""
+        accelerator, clip = self.accelerator, self.cfg.optim.grad_clip
+        accelerator.backward(loss)
+        if clip:
+            accelerator.clip_grad_norm_(module.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.step_done(lr_scheduler)
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(module))
+        if self.log_due():
+            value = loss.item()
+            self.write_log(self.log_record({"loss": value, **stats}, lr_scheduler), loss=f"{value:.4f}")
+        self.checkpoint_if_due()
+
     def log_due(self) -> bool:
         return self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps
 

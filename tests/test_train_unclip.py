@@ -1,0 +1,100 @@
+"""train_unclip.py (the default model's unCLIP decoder and prior) and train_classifier.py: tiny runs on
+the default model, what their exports hold, and resuming."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import train_classifier  # noqa: E402
+import train_unclip  # noqa: E402
+from ldm import Pipeline  # noqa: E402
+from ldm.formats.files import write_safetensors
+from ldm.image_encoder import ImageEncoder
+from ldm.shapes import noisy_classifier as nc
+from ldm.shapes.clip import IMAGE
+from ldm.shapes.scenes import render, scene_from_prompt
+
+TINY = ["--set", "n_scenes=8", "--set", "batch_size=4", "--set", "log_every=1", "--set", "checkpoint_every=1"]
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory):
+    """A shape-world CLIP file with a random image tower (python -m ldm.shapes.clip writes real ones)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("clip") / "clip.safetensors"
+    write_safetensors({"image." + k: v for k, v in ImageEncoder(IMAGE).state_dict().items()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return render(scene_from_prompt("a red circle on the left", seed=0), 512)
+
+
+def test_untrained_decoder_draws_as_the_base_model(clip_file, scene):
+    """The class-vector MLP starts at zero: the image embedding changes nothing until trained."""
+    base = Pipeline.from_pretrained(None)
+    decoder = Pipeline(train_unclip.unclip_decoder("", str(clip_file)))
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    kw = dict(steps=4, seed=1, latents=latents, output_type="latent")
+    assert torch.equal(decoder("a red circle", image=scene, **kw), base("a red circle", regions=None, **kw))
+
+
+def test_decoder_then_prior_then_resume_onto_another_decoder(clip_file, scene, tmp_path):
+    out = tmp_path / "decoder"
+    train_unclip.main(["--set", "part=decoder", "--set", f"clip={clip_file}", "--set", f"out_dir={out}",
+                       "--set", "max_steps=2", *TINY])
+    decoder = Pipeline.from_pretrained(out / "decoder.safetensors")
+    assert decoder.config.image_embedding == "unclip" and decoder.config.prior is None
+    assert decoder.model.unet.label_emb[0][2].weight.abs().sum() > 0              # it learned something
+    stats = decoder.model.noise_augmentor
+    assert stats.data_std.min() > 0 and not torch.equal(stats.data_mean, torch.zeros_like(stats.data_mean))
+    assert len(decoder(image=scene, num_images_per_prompt=2, steps=2, seed=0)) == 2   # variations: no prompt
+
+    prior_dir = tmp_path / "prior"
+    args = ["--set", "part=prior", "--set", f"out_dir={prior_dir}", "--set", "max_steps=2", *TINY]
+    train_unclip.main([*args, "--set", f"decoder={out / 'decoder.safetensors'}"])
+    full = Pipeline.from_pretrained(prior_dir / "unclip.safetensors")
+    assert full.config.prior is not None
+    images = full(["a red circle", "two blue squares"], steps=2, prior_steps=3, seed=0)
+    assert len(images) == 2
+    # the prior reads the decoder's own text encoder (its hidden states), with a learned projection
+    ids = full.model.cond_stage_model.tokenize(["a red circle"])
+    torch.testing.assert_close(full.model.prior.text_encoder(ids).last_hidden_state,
+                               full.model.cond_stage_model(ids), rtol=0, atol=1e-5)
+    prior_weights = {k: v.clone() for k, v in full.model.prior.state_dict().items()}
+
+    # --resume at max_steps with another decoder: that decoder, the trained prior, no more steps
+    other = tmp_path / "other.safetensors"
+    fresh = train_unclip.unclip_decoder("", str(clip_file))
+    fresh.noise_augmentor.data_std.fill_(2.0)
+    from ldm import checkpoint
+    checkpoint.save(fresh.state_dict(), fresh.config, other)
+    train_unclip.main([*args, "--set", f"decoder={other}", "--resume"])
+    combined = Pipeline.from_pretrained(prior_dir / "unclip.safetensors")
+    assert torch.equal(combined.model.noise_augmentor.data_std, torch.full_like(stats.data_std, 2.0))
+    assert all(torch.equal(v, prior_weights[k]) for k, v in combined.model.prior.state_dict().items())
+    steps = [json.loads(line)["step"] for line in (prior_dir / "log.jsonl").read_text().splitlines()]
+    assert max(steps) == 2
+
+
+def test_prior_part_needs_a_decoder(tmp_path):
+    with pytest.raises(ValueError, match="pass --set decoder=PATH"):
+        train_unclip.main(["--set", "part=prior", "--set", f"out_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="part must be"):
+        train_unclip.main(["--set", "part=both", "--set", f"out_dir={tmp_path}"])
+
+
+def test_train_classifier_runs_exports_and_resumes(tmp_path):
+    args = ["--set", f"out_dir={tmp_path}", "--set", "n_scenes=16", "--set", "batch_size=8", "--set", "log_every=1",
+            "--set", "checkpoint_every=1"]
+    train_classifier.main([*args, "--set", "max_steps=2"])
+    first = nc.load(tmp_path / "classifier.safetensors")
+    train_classifier.main([*args, "--set", "max_steps=3", "--resume"])
+    second = nc.load(tmp_path / "classifier.safetensors")
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]             # resumed at 2, not restarted
+    assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
