@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from ldm import checkpoint
@@ -141,7 +140,7 @@ def dropped(captions: list[str], p: float, generator: torch.Generator) -> list[s
 def unclip_decoder(base_path: str, clip_path: str) -> LatentDiffusion:
     """The text-to-image model at `base_path` with an image embedder (the CLIP's image tower), a noise
     augmentor and a zero-output class-vector MLP: at start it draws exactly as the base model."""
-    from ldm.shapes.clip import IMAGE
+    from ldm.shapes.clip import IMAGE, load as load_clip
     base_cfg, sd = checkpoint.load(base_path or default_model_path())
     cfg = replace(base_cfg, image_embedding="unclip", image_encoder=IMAGE, embedding_noise_schedule=EMBEDDING_NOISE,
                   unet=replace(base_cfg.unet, adm_in_channels=2 * IMAGE.projection_dim), layout_planner=None)
@@ -150,8 +149,7 @@ def unclip_decoder(base_path: str, clip_path: str) -> LatentDiffusion:
     new = [k for k in missing if not k.startswith(("model.diffusion_model.label_emb.", "embedder.", "noise_augmentor."))]
     if new or unexpected:
         raise ValueError(f"{base_path}: not the text-to-image model expected (missing {new[:3]}, unexpected {unexpected[:3]})")
-    clip = load_file(clip_path)
-    model.embedder.load_state_dict({k.removeprefix("image."): v for k, v in clip.items() if k.startswith("image.")})
+    model.embedder.load_state_dict(load_clip(clip_path).image.state_dict())
     nn.init.zeros_(model.unet.label_emb[0][2].weight)
     nn.init.zeros_(model.unet.label_emb[0][2].bias)
     return model

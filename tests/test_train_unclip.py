@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,21 +12,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_classifier  # noqa: E402
 import train_unclip  # noqa: E402
 from ldm import Pipeline  # noqa: E402
-from ldm.formats.files import write_safetensors
-from ldm.image_encoder import ImageEncoder
-from ldm.shapes import noisy_classifier as nc
-from ldm.shapes.clip import IMAGE
-from ldm.shapes.scenes import render, scene_from_prompt
+from ldm.shapes import noisy_classifier as nc  # noqa: E402
+from ldm.shapes import clip as shape_clip  # noqa: E402
+from ldm.shapes.scenes import render, scene_from_prompt  # noqa: E402
 
 TINY = ["--set", "n_scenes=8", "--set", "batch_size=4", "--set", "log_every=1", "--set", "checkpoint_every=1"]
 
 
 @pytest.fixture(scope="module")
 def clip_file(tmp_path_factory):
-    """A shape-world CLIP file with a random image tower (python -m ldm.shapes.clip writes real ones)."""
+    """A shape-world CLIP file with random towers (python -m ldm.shapes.clip writes real ones)."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("clip") / "clip.safetensors"
-    write_safetensors({"image." + k: v for k, v in ImageEncoder(IMAGE).state_dict().items()}, path)
+    shape_clip.save(shape_clip.ShapeCLIP(), path)
     return path
 
 
@@ -98,3 +97,24 @@ def test_train_classifier_runs_exports_and_resumes(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]             # resumed at 2, not restarted
     assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+
+def test_shape_clip_loads_back_and_serves_as_an_open_clip_model(clip_file, scene):
+    """ldm.metrics.clip_score and semantic guidance's clip_text_score take the shape-world CLIP as
+    they take an open_clip model: the same cosine as its own towers, differentiable in the picture."""
+    from ldm.metrics import clip_score
+    from ldm.semantic_guidance import clip_text_score
+    model = shape_clip.load(clip_file)
+    assert not any(p.requires_grad for p in model.parameters())
+    prompts = ["a red circle on the left", "two blue squares"]
+    with torch.no_grad():
+        img = torch.nn.functional.normalize(model.encode_image(model.preprocess(scene)[None]), dim=-1)
+        txt = torch.nn.functional.normalize(model.embed_text(prompts), dim=-1)
+    cos = (img * txt).sum(-1)
+    got = clip_score([scene, scene], prompts, model=model, preprocess=model.preprocess, tokenizer=model.tokenizer)
+    assert got == pytest.approx(float((100 * cos.clamp(min=0)).mean()), rel=1e-5)
+    pictures = (torch.from_numpy(np.array(scene)).permute(2, 0, 1)[None].float() / 127.5 - 1).requires_grad_(True)
+    score = clip_text_score(model, model.tokenizer, prompts[:1])(pictures)
+    assert score.item() == pytest.approx(cos[0].item(), abs=0.02)        # differentiable resize vs PIL's
+    score.sum().backward()
+    assert pictures.grad.abs().sum() > 0

@@ -23,7 +23,7 @@ from ldm import text
 from ldm.config import TextEncoderConfig
 from ldm.formats.files import write_safetensors
 from ldm.image_config import ImageEncoderConfig
-from ldm.image_encoder import ImageEncoder
+from ldm.image_encoder import ImageEncoder, clip_preprocess
 from ldm.shapes.prompts import parse
 from ldm.shapes.scenes import KINDS, caption, held_out, random_scene, render
 
@@ -59,6 +59,19 @@ class ShapeCLIP(torch.nn.Module):
     def embed_text(self, captions: list[str]) -> torch.Tensor:
         return self.text(self.tokenizer(captions)).text_embeds
 
+    # open_clip's interface, so ldm.metrics.clip_score and ldm.semantic_guidance take it as any CLIP
+    visual = property(lambda self: self.image.config)          # .image_size
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.image(pixels)
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.text(ids).text_embeds
+
+    def preprocess(self, image) -> torch.Tensor:
+        """PIL image -> (3, S, S): CLIP's resize, centre crop and normalisation."""
+        return clip_preprocess([image], self.image.config)[0]
+
     def loss(self, pixels: torch.Tensor, captions: list[str]) -> torch.Tensor:
         """Symmetric InfoNCE over the batch (CLIP's eq. in its Figure 3)."""
         i = F.normalize(self.image(pixels), dim=-1)
@@ -66,6 +79,17 @@ class ShapeCLIP(torch.nn.Module):
         logits = self.logit_scale.clamp(max=math.log(100)).exp() * i @ t.T      # (B, B)
         labels = torch.arange(len(i))
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def load(path) -> ShapeCLIP:
+    """A CLIP written by main() (OUT/clip.safetensors), in eval mode, no gradients."""
+    from safetensors.torch import load_file
+    sd = load_file(str(path))
+    model = ShapeCLIP()
+    model.image.load_state_dict({k.removeprefix("image."): v for k, v in sd.items() if k.startswith("image.")})
+    model.text.load_state_dict({k.removeprefix("text."): v for k, v in sd.items() if k.startswith("text.")})
+    model.logit_scale.data.copy_(sd["logit_scale"])
+    return model.eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -124,11 +148,14 @@ def main(argv=None) -> int:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 print(json.dumps(row), flush=True)
+    save(model, out / "clip.safetensors")
+    return 0
+
+
+def save(model: ShapeCLIP, path) -> None:
     sd = {**{"image." + k: v for k, v in model.image.state_dict().items()},
           **{"text." + k: v for k, v in model.text.state_dict().items()}, "logit_scale": model.logit_scale.data}
-    write_safetensors(sd, out / "clip.safetensors", {"image_config": json.dumps(asdict(IMAGE)),
-                                                     "text_config": json.dumps(asdict(TEXT))})
-    return 0
+    write_safetensors(sd, path, {"image_config": json.dumps(asdict(IMAGE)), "text_config": json.dumps(asdict(TEXT))})
 
 
 if __name__ == "__main__":
