@@ -42,7 +42,7 @@ from ldm.shapes.eval_cli import PROMPTS, seeded_latents
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 SCALES = {"cfg": (1.0, 2.0, 3.0, 5.0, 7.5), "classifier": (0.0, 1.0, 2.0, 4.0, 8.0),
           "classifier@5": (0.0, 1.0, 2.0, 4.0, 8.0), "semantic": (0.0, 2.0, 8.0, 32.0),
-          "clip": (0.0, 50.0, 200.0, 800.0)}
+          "clip": (0.0, 1.0, 2.0, 4.0, 8.0)}
 
 
 def spread(items: list, n: int) -> list:
@@ -146,7 +146,7 @@ def write_report(rows, n, n_div, note: str):
     for family in families:
         rs = [r for r in rows if r["family"] == family]
         for ax, key in zip(axes, keys):
-            ax.set_xscale("symlog", linthresh=1)       # the families' scales span 0.25 to 800
+            ax.set_xscale("symlog", linthresh=1)       # the families' scales span 0.25 to 16
             ax.plot([r["scale"] for r in rs], [r[key] for r in rs], "o-", label=family)
     for ax, title in zip(axes, ("adherence (overall)", "diversity (pairwise RMS)", "FID vs renders",
                                 "CLIP score (shape-world CLIP)")):

@@ -11,7 +11,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_classifier  # noqa: E402
 import train_unclip  # noqa: E402
+from PIL import Image  # noqa: E402
+
 from ldm import Pipeline  # noqa: E402
+from ldm.cli import main as cli  # noqa: E402
 from ldm.shapes import noisy_classifier as nc  # noqa: E402
 from ldm.shapes import clip as shape_clip  # noqa: E402
 from ldm.shapes.scenes import render, scene_from_prompt  # noqa: E402
@@ -51,7 +54,14 @@ def test_decoder_then_prior_then_resume_onto_another_decoder(clip_file, scene, t
     assert decoder.model.unet.label_emb[0][2].weight.abs().sum() > 0              # it learned something
     stats = decoder.model.noise_augmentor
     assert stats.data_std.min() > 0 and not torch.equal(stats.data_mean, torch.zeros_like(stats.data_mean))
-    assert len(decoder(image=scene, num_images_per_prompt=2, steps=2, seed=0)) == 2   # variations: no prompt
+    # variations, no prompt: `ldm generate --image --variations N` draws what the Python call draws
+    source, png = tmp_path / "scene.png", tmp_path / "var.png"
+    scene.save(source)
+    assert cli(["generate", "--image", str(source), "--variations", "2", "--model", str(out / "decoder.safetensors"),
+                "--steps", "2", "--seed", "3", "-o", str(png), "-q"]) == 0
+    ref = decoder(image=scene, num_images_per_prompt=2, steps=2, seed=3)
+    for i, im in enumerate(ref):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"var-{i:02d}.png")), np.asarray(im))
 
     prior_dir = tmp_path / "prior"
     args = ["--set", "part=prior", "--set", f"out_dir={prior_dir}", "--set", "max_steps=2", *TINY]
@@ -118,3 +128,13 @@ def test_shape_clip_loads_back_and_serves_as_an_open_clip_model(clip_file, scene
     assert score.item() == pytest.approx(cos[0].item(), abs=0.02)        # differentiable resize vs PIL's
     score.sum().backward()
     assert pictures.grad.abs().sum() > 0
+
+
+def test_variations_of_the_default_model_need_its_unclip_file(scene, tmp_path, monkeypatch, capsys):
+    import ldm.pipeline
+    monkeypatch.setattr(ldm.pipeline, "DEFAULT_UNCLIP", tmp_path / "missing.safetensors")
+    scene.save(tmp_path / "scene.png")
+    assert cli(["generate", "--image", str(tmp_path / "scene.png"), "--variations", "2", "-o",
+                str(tmp_path / "v.png"), "-q"]) == 2
+    assert "python train_unclip.py" in capsys.readouterr().err
+    assert not list(tmp_path.glob("v*.png"))
