@@ -120,6 +120,23 @@ def test_pipeline_classifier_scale(saved):
         del pipe.classifier
 
 
+def test_classifier_guides_only_below_its_reliable_t(saved):
+    """prompt_guidance leaves the model's output alone at t ≥ GUIDE_BELOW_T and shifts it below."""
+    pipe = saved["sd1"]["pipe"]
+    torch.manual_seed(0)
+    clf = nc.NoisyClassifier(nc.ClassifierConfig(in_channels=pipe.config.unet.in_channels, channels=16))
+    nc.attach(pipe, clf)
+    try:
+        model_fn = lambda x, t: torch.zeros_like(x)                          # noqa: E731
+        guided = nc.prompt_guidance(pipe, ["a red circle"], 50.0)(model_fn)
+        x = torch.randn(1, pipe.config.unet.in_channels, 8, 8, generator=torch.Generator().manual_seed(1))
+        for t in (nc.GUIDE_BELOW_T, 900):
+            assert torch.equal(guided(x, torch.tensor([t])), model_fn(x, t))
+        assert guided(x, torch.tensor([nc.GUIDE_BELOW_T - 1])).abs().sum() > 0
+    finally:
+        del pipe.classifier
+
+
 def test_cli_classifier_scale_uses_the_shipped_classifier(tmp_path):
     """`ldm generate --classifier-scale S` on the default model: the classifier shipped beside it,
     the same picture as the Python call with it attached, the scale in the PNG's parameters."""
