@@ -310,8 +310,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="hires fix: draw, upscale the pixels ×K, img2img at that size (A1111's)")
     g.add_argument("--hires-strength", type=float, default=0.5, help="the hires pass's strength (default 0.5)")
     g.add_argument("--variations", type=int, metavar="N",
-                   help="N variations of --image (no prompt needed): an image-variation / unCLIP --model, "
-                        "by default the default model's unCLIP form (weights/ldm-default-unclip.safetensors)")
+                   help="N variations of --image (no prompt needed) by an image-variation / unCLIP --model "
+                        "(without --model: weights/ldm-default-unclip.safetensors, once train_unclip.py made it)")
     g.add_argument("--classifier-scale", type=float, metavar="S",
                    help="classifier guidance by a noisy classifier toward what the prompt names (default "
                         "model: weights/ldm-default-classifier.safetensors; train_classifier.py)")

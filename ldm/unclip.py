@@ -96,8 +96,8 @@ def check_embedding_inputs(cfg, prompt, image, mask_image, strength, noise_level
     """(prompt, the Request fields of the embedding) for a model with image_embedding, checked before
     any work. Variations: image= is required and prompt is not taken (there is no text encoder; each
     image gets "" as its record's prompt). unCLIP: a prompt (or none with image=: "" per image, as
-    diffusers), and image= or a prior (text -> image
-    embedding); noise_level in [0, T) of the embedding's noising schedule (default 0, as diffusers)."""
+    diffusers), and image= or a prior (text -> image embedding); noise_level in [0, T) of the
+    embedding's noising schedule (default 0, as diffusers)."""
     from .checks import as_float, as_int
     from .image_encoder import as_rgb_images
     from .prior import PRIOR_GUIDANCE_SCALE, PRIOR_STEPS
