@@ -213,7 +213,7 @@ def _draw(args, pipe, image, mask, kw):
         return outpaint(pipe, args.prompt, image, left=args.left, right=args.right, top=args.top,
                         bottom=args.bottom, strength=args.strength, **kw)
     kw.update(height=args.height, width=args.width)
-    if args.classifier_scale:
+    if getattr(args, "classifier_scale", None):       # the server's jobs don't carry it
         kw.update(classifier_scale=args.classifier_scale)
     if args.hires is not None:
         return hires(pipe, args.prompt, scale=args.hires, strength=args.hires_strength, **kw)
