@@ -32,7 +32,6 @@ from ldm import checkpoint
 from ldm.config import ScheduleConfig, apply_overrides, from_dict, read_yaml, require
 from ldm.diffusion import LatentDiffusion
 from ldm.image_config import ImageEncoderConfig, PriorConfig
-from ldm.layers import timestep_embedding
 from ldm.pipeline import default_model_path
 from ldm.schedule import alphas_cumprod, diffusion_loss, q_sample
 from ldm.training.config import RunConfig, parse_cli
@@ -159,13 +158,10 @@ def class_vectors(model: LatentDiffusion, embeds: torch.Tensor, cfg: UnclipTrain
                   generator: torch.Generator) -> torch.Tensor:
     """(B, 2D): each embedding noised to a random level (or none), with its level's embedding; some
     rows the null all-zero vector."""
-    B, D = embeds.shape
+    B = len(embeds)
     levels = torch.randint(0, len(ac), (B,), generator=generator)
     levels = torch.where(torch.rand(B, generator=generator) < cfg.noise_augment, levels, 0)
-    aug = model.noise_augmentor
-    x = (embeds - aug.data_mean) / aug.data_std
-    x = q_sample(x, levels, torch.randn(x.shape, generator=generator), ac) * aug.data_std + aug.data_mean
-    vectors = torch.cat([x, timestep_embedding(levels, D)], dim=1)
+    vectors = model.noise_augmentor(embeds, levels, torch.randn(embeds.shape, generator=generator), ac)
     return vectors * (torch.rand(B, 1, generator=generator) >= cfg.embedding_drop)
 
 

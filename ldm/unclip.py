@@ -36,11 +36,12 @@ class NoiseAugmentor(nn.Module):
         self.register_buffer("data_mean", torch.zeros(1, dim))
         self.register_buffer("data_std", torch.ones(1, dim))
 
-    def forward(self, embeds: torch.Tensor, level: int, noise: torch.Tensor, ac: torch.Tensor) -> torch.Tensor:
-        """(B, D) embeddings -> (B, 2D): noised at `level`, then [embedding, level's embedding]."""
+    def forward(self, embeds: torch.Tensor, level, noise: torch.Tensor, ac: torch.Tensor) -> torch.Tensor:
+        """(B, D) embeddings -> (B, 2D): noised at `level` (an int, or (B,) levels in training), then
+        [embedding, level's embedding]."""
         mean, std = self.data_mean.to(embeds), self.data_std.to(embeds)
-        noised = q_sample((embeds - mean) * 1.0 / std, level, noise, ac.to(embeds.device)) * std + mean
-        t = torch.full((len(embeds),), level, device=embeds.device)
+        t = torch.as_tensor(level, device=embeds.device).expand(len(embeds))
+        noised = q_sample((embeds - mean) * 1.0 / std, t, noise, ac.to(embeds.device)) * std + mean
         return torch.cat([noised, timestep_embedding(t, embeds.shape[1]).to(embeds.dtype)], dim=1)
 
 
