@@ -166,6 +166,59 @@ class DiagonalGaussian:
         return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3))
 
 
+class Upsampler(nn.Module):
+    """The learned ×k after the decoder (pixel_scale k, upsampler_channels > 0), in place of the bicubic
+    ×k: each output pixel is a convex combination of the 5×5 decoder pixels around it, with weights
+    predicted by a small sub-pixel CNN (ESPCN, Shi et al. 2016: 3×3 convolutions at the decoder's output
+    size, then 25 weights for each of the k·k output pixels of a decoder pixel, rearranged by
+    pixel_shuffle; kernel prediction as in CARAFE, Wang et al. 2019). A softmax over the 25 makes them
+    the weights: the network learns where an edge runs, not which colours meet there, and a confident
+    choice is a sharp edge in the decoder's own colours (a flat colour stays exactly that colour; no
+    ringing). The softmax's logits are the network's output plus a fixed prior, -d²/(2·0.5²) with d
+    the distance from the output pixel to a decoder pixel's centre (in decoder pixels): the last
+    convolution starts at zero, so an untrained upsampler is that smooth Gaussian interpolation."""
+    WINDOW, SIGMA = 5, 0.5
+
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        c, k, n = cfg.upsampler_channels, cfg.pixel_scale, self.WINDOW
+        self.scale = k
+        self.conv_in = nn.Conv2d(cfg.out_ch, c, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in range(cfg.upsampler_blocks))
+        self.conv_out = nn.Conv2d(c, n * n * k * k, 1)   # channel j·k² + s: neighbour j (row-major), sub-pixel s
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+        self.register_buffer("prior", self.prior_logits(k), persistent=False)
+
+    @classmethod
+    def prior_logits(cls, k: int) -> torch.Tensor:
+        """(WINDOW², k²): -d²/(2σ²) from sub-pixel s of the centre decoder pixel to neighbour j."""
+        sub = (torch.arange(k, dtype=torch.float64) + 0.5) / k - 0.5      # sub-pixel centres, in decoder pixels
+        off = torch.arange(cls.WINDOW, dtype=torch.float64) - cls.WINDOW // 2
+        dy = off[:, None, None, None] - sub[None, None, :, None]
+        dx = off[None, :, None, None] - sub[None, None, None, :]
+        return (-(dy ** 2 + dx ** 2) / (2 * cls.SIGMA ** 2)).reshape(cls.WINDOW ** 2, k * k).float()
+
+    def kernels(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, h, w) -> the weights (B, WINDOW², k², h, w): over dim 1 they sum to 1."""
+        B, _, h, w = x.shape
+        f = F.silu(self.conv_in(x))
+        for conv in self.blocks:
+            f = f + F.silu(conv(f))
+        logits = self.conv_out(f).reshape(B, self.WINDOW ** 2, self.scale ** 2, h, w)
+        return torch.softmax(logits + self.prior.to(logits.dtype)[None, :, :, None, None], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, h, w), the decoder's output -> (B, C, h·k, w·k)."""
+        B, C, h, w = x.shape
+        k, n, r = self.scale, self.WINDOW, self.WINDOW // 2
+        weights = self.kernels(x).permute(0, 3, 4, 2, 1).reshape(B, h * w, k * k, n * n)
+        near = F.unfold(F.pad(x, (r, r, r, r), mode="replicate"), n)             # (B, C·n², h·w)
+        near = near.reshape(B, C, n * n, h * w).permute(0, 3, 2, 1)              # (B, h·w, n², C)
+        out = (weights @ near).permute(0, 3, 2, 1).reshape(B, C * k * k, h, w)  # channel c·k² + s
+        return F.pixel_shuffle(out, k)
+
+
 class AutoencoderKL(nn.Module):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
@@ -174,6 +227,8 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        if cfg.upsampler_channels:  # absent otherwise: the state dict of every other model is unchanged
+            self.upsampler = Upsampler(cfg)
 
     def encode(self, x: torch.Tensor, resample: bool = True) -> DiagonalGaussian:
         """x (B, 3, H, W) in [-1, 1] -> posterior over z (B, embed_dim, H/f, W/f), unscaled.
@@ -186,10 +241,12 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, z: torch.Tensor, resample: bool = True) -> torch.Tensor:
         """z (B, embed_dim, h, w), unscaled -> x (B, 3, h·f, w·f) in about [-1, 1].
-        resample=False: the learned decoder's output, before the fixed ×pixel_scale."""
+        resample=False: the learned decoder's output, before the ×pixel_scale."""
         x = self.decoder(self.post_quant_conv(z))
         k = self.config.pixel_scale
-        if k != 1 and resample:  # (B, 3, h·f, w·f): a fixed bicubic ×k after the learned decoder
+        if k != 1 and resample:  # (B, 3, h·f, w·f): bicubic ×k after the learned decoder (+ the upsampler's residual)
+            if hasattr(self, "upsampler"):
+                return self.upsampler(x)
             x = F.interpolate(x, scale_factor=k, mode="bicubic", align_corners=False)
         return x
 

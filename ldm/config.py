@@ -49,6 +49,9 @@ class AutoencoderConfig:
     scale_factor: float = 0.18215  # z_unit = scale_factor * z; SD1/2 value
     pixel_scale: int = 1           # fixed ×k antialiased resampling around the learned network: images
                                    # k× larger than it sees (the default model: f=8 learned, 512 px out)
+    upsampler_channels: int = 0    # > 0 (needs pixel_scale > 1): decode's ×pixel_scale is bicubic plus a
+                                   # learned sub-pixel residual of this width (autoencoder.Upsampler); 0: bicubic
+    upsampler_blocks: int = 2      # its 3×3 convolutions at the network's size between the first and the last
 
     @property
     def downsample_factor(self) -> int:
@@ -62,6 +65,11 @@ class AutoencoderConfig:
         require(self, "scale_factor", lambda v: 0 < v < float("inf"), "a finite number > 0")
         widths = sorted({self.ch, *(self.ch * m for m in self.ch_mult)})  # every GroupNorm's width
         require(self, "norm_groups", _groups_divide(widths), f"a divisor of every width >= it among {widths}")
+        require(self, "upsampler_channels", lambda v: v >= 0, ">= 0 (0: bicubic ×pixel_scale, no upsampler)")
+        require(self, "upsampler_channels", lambda v: v == 0 or self.pixel_scale > 1,
+                f"0 when pixel_scale is 1 (the upsampler replaces the bicubic ×pixel_scale; pixel_scale "
+                f"is {self.pixel_scale})")
+        require(self, "upsampler_blocks", lambda v: v >= 0, ">= 0")
 
 
 @dataclass(frozen=True)
