@@ -3,6 +3,7 @@ CLIP (`python -m ldm.shapes.clip`): variations of a picture and text -> prior ->
 
     python train_unclip.py --set part=decoder                     # out/unclip_decoder/decoder.safetensors
     python train_unclip.py --set part=prior --set decoder=out/unclip_decoder/decoder.safetensors
+    python train_unclip.py --set part=variations --set out_dir=out/variations   # the default model + variations
     (fields: UnclipTrainConfig below; --set key=value or --key=value; --resume continues a run)
 
 decoder: the default model's UNet learns to read the CLIP image embedding of the picture it denoises,
@@ -15,6 +16,14 @@ prior: Karlo's PriorTransformer learns p(image embedding | caption) by DDPM with
 prediction on the normalised embedding; its text encoder is the default model's own (the hidden
 states the decoder reads) with a learned projection; the caption is dropped to "" 10% of the time
 (the prior's CFG). The export is the whole unCLIP model (decoder + prior) in one ldm file.
+variations (what ships: the default model's own variations): the text-to-image model stays whole and
+frozen; an image adapter (ldm/unclip.py ImageAdapter: an MLP, as DALL·E 2's decoder projects the
+CLIP embedding into extra context tokens) learns to map the CLIP image embedding of each scene to
+the text encoder's context of its canonical caption (`fit_steps` of regression, a few CPU-minutes;
+no checkpoints needed), so the UNet reads a picture as it reads its caption. Its null context is
+the text encoder's "", which the UNet already knows. (Training it further end to end by the
+diffusion loss through the frozen UNet lowered the loss but drew fewer of the source's objects: the
+loss rewards hedging toward the null context; docs/default_model.md.)
 Data: `n_scenes` rendered shape-world scenes, encoded once (latent moments, CLIP image embedding,
 caption; cached in out_dir). Accelerate and the crash-safe checkpoints of ldm/training/run.py."""
 from __future__ import annotations
@@ -31,7 +40,7 @@ from torch import nn
 from ldm import checkpoint
 from ldm.config import ScheduleConfig, apply_overrides, from_dict, read_yaml, require
 from ldm.diffusion import LatentDiffusion
-from ldm.image_config import ImageEncoderConfig, PriorConfig
+from ldm.image_config import ImageAdapterConfig, ImageEncoderConfig, PriorConfig
 from ldm.pipeline import default_model_path
 from ldm.schedule import alphas_cumprod, diffusion_loss, q_sample
 from ldm.training.config import RunConfig, parse_cli
@@ -47,7 +56,7 @@ PRIOR_SCHEDULE = ScheduleConfig(beta_schedule="squaredcos_cap_v2", prediction_ty
 
 @dataclass(frozen=True)
 class UnclipTrainConfig(RunConfig):
-    part: str = "decoder"            # "decoder" | "prior"
+    part: str = "decoder"            # "decoder" | "prior" | "variations"
     model: str = ""                  # decoder: the text-to-image model to extend ("" = the default model)
     clip: str = "out/shape_clip/clip.safetensors"   # decoder: the CLIP whose image tower is the embedder
     decoder: str = ""                # prior: the decoder file the prior is added to
@@ -63,6 +72,8 @@ class UnclipTrainConfig(RunConfig):
     text_drop: float = 0.5           # decoder: P(caption -> ""); prior: its CFG drop (set 0.1)
     embedding_drop: float = 0.1      # decoder: P(class vector -> 0), the null of its CFG
     noise_augment: float = 0.5       # decoder: P(the embedding is noised, to a level ~ U{0, T-1})
+    adapter_hidden: int = 1024       # variations: the image adapter's MLP width
+    fit_steps: int = 4000            # variations: regression steps (batch 256) onto the captions' contexts
     snr_gamma: float = 5.0
     ema_decay: float = 0.999
     prior: PriorConfig = field(default_factory=lambda: PriorConfig(
@@ -70,7 +81,7 @@ class UnclipTrainConfig(RunConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        require(self, "part", lambda v: v in ("decoder", "prior"), "'decoder' or 'prior'", "")
+        require(self, "part", lambda v: v in ("decoder", "prior", "variations"), "'decoder', 'prior' or 'variations'", "")
         require(self, "n_scenes", lambda v: v >= 1, ">= 1", "")
         for name in ("text_drop", "embedding_drop", "noise_augment"):
             require(self, name, lambda v: 0 <= v <= 1, "a probability in [0, 1]", "")
@@ -78,19 +89,34 @@ class UnclipTrainConfig(RunConfig):
 
 # -- data ------------------------------------------------------------------------------------------
 
+def scene_batches(n: int, seed: int, kinds, batch: int = 64):
+    """The n scenes of a seed, in batches, with their captions: (scenes, captions) per batch."""
+    from ldm.shapes.scenes import caption, random_scene
+    rng = random.Random(seed)
+    for i in range(0, n, batch):
+        scenes = [random_scene(rng, kinds) for _ in range(min(batch, n - i))]
+        yield scenes, [caption(s, rng) for s in scenes]
+
+
+def canonical_captions(n: int, seed: int, kinds) -> list[str]:
+    """One phrasing per scene, drawn with the same fixed seed for every scene: similar scenes get
+    similar captions, a target a regression from the image can reach."""
+    from ldm.shapes.scenes import caption
+    return [caption(s, random.Random(0)) for scenes, _ in scene_batches(n, seed, kinds) for s in scenes]
+
+
 def scene_data(model: LatentDiffusion, n: int, seed: int, kinds, batch: int = 64) -> dict:
     """n scenes rendered at the autoencoder network's size: latent moments (N, 2C, h, w), CLIP image
     embeddings (N, D) from the model's embedder, captions."""
     from tqdm import tqdm
     from PIL import Image
-    from ldm.shapes.scenes import caption, random_scene, render
+    from ldm.shapes.scenes import render
     cfg = model.config
     size = cfg.latent_size * cfg.autoencoder.downsample_factor // cfg.autoencoder.pixel_scale
-    rng = random.Random(seed)
     moments, embeds, captions = [], [], []
-    for i in tqdm(range(0, n, batch), desc="encoding scenes", unit="batch"):
-        scenes = [random_scene(rng, kinds) for _ in range(min(batch, n - i))]
-        captions += [caption(s, rng) for s in scenes]
+    for scenes, caps in tqdm(scene_batches(n, seed, kinds, batch), total=-(-n // batch), desc="encoding scenes",
+                             unit="batch"):
+        captions += caps
         pixels = [np.asarray(render(s, size), dtype=np.uint8) for s in scenes]
         x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1
         with torch.no_grad():
@@ -142,8 +168,10 @@ def unclip_decoder(base_path: str, clip_path: str) -> LatentDiffusion:
     from ldm.shapes.clip import IMAGE, load as load_clip
     base_cfg, sd = checkpoint.load(base_path or default_model_path())
     cfg = replace(base_cfg, image_embedding="unclip", image_encoder=IMAGE, embedding_noise_schedule=EMBEDDING_NOISE,
-                  unet=replace(base_cfg.unet, adm_in_channels=2 * IMAGE.projection_dim), layout_planner=None)
+                  unet=replace(base_cfg.unet, adm_in_channels=2 * IMAGE.projection_dim), layout_planner=None,
+                  image_adapter=None)
     model = LatentDiffusion(cfg)
+    sd = {k: v for k, v in sd.items() if not k.startswith("image_adapter.")}   # (the base's own variations)
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
     new = [k for k in missing if not k.startswith(("model.diffusion_model.label_emb.", "embedder.", "noise_augmentor."))]
     if new or unexpected:
@@ -163,6 +191,75 @@ def class_vectors(model: LatentDiffusion, embeds: torch.Tensor, cfg: UnclipTrain
     levels = torch.where(torch.rand(B, generator=generator) < cfg.noise_augment, levels, 0)
     vectors = model.noise_augmentor(embeds, levels, torch.randn(embeds.shape, generator=generator), ac)
     return vectors * (torch.rand(B, 1, generator=generator) >= cfg.embedding_drop)
+
+
+# -- variations: the image adapter -------------------------------------------------------------------
+
+def variation_model(base_path: str, clip_path: str, hidden: int) -> LatentDiffusion:
+    """The text-to-image model at `base_path`, whole, plus the CLIP's image tower as its embedder and
+    an image adapter to as many context tokens as the text encoder gives (its null: the text
+    encoder's "")."""
+    from ldm.shapes.clip import IMAGE, load as load_clip
+    base_cfg, sd = checkpoint.load(base_path or default_model_path())
+    cfg = replace(base_cfg, image_embedding="context", image_encoder=IMAGE,
+                  image_adapter=ImageAdapterConfig(tokens=base_cfg.text_encoder.max_length, hidden=hidden))
+    model = LatentDiffusion(cfg)
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+    new = [k for k in missing if not k.startswith(("embedder.", "image_adapter."))]
+    if new or unexpected:
+        raise ValueError(f"{base_path}: not the text-to-image model expected (missing {new[:3]}, unexpected {unexpected[:3]})")
+    model.embedder.load_state_dict(load_clip(clip_path).image.state_dict())
+    with torch.no_grad():
+        model.image_adapter.null_context.copy_(model.cond_stage_model(model.cond_stage_model.tokenize([""]))[0])
+    return model
+
+
+def fit_to_captions(adapter: nn.Module, embeds: torch.Tensor, contexts: torch.Tensor, steps: int,
+                    generator: torch.Generator, batch: int = 256) -> float:
+    """Warm start: the adapter regresses `contexts` (N, L, C) from `embeds` (N, D) with inputs and targets
+    standardised (folded into its first and last layers afterwards). Returns the final loss (1 = the
+    mean context's)."""
+    first, last = adapter.proj[0], adapter.proj[-1]
+    x_mean, x_std = embeds.mean(0), embeds.std(0).clamp_min(1e-6)
+    y = contexts.flatten(1)
+    y_mean, y_std = y.mean(0), y.std(0).clamp_min(1e-3)
+    x, y = (embeds - x_mean) / x_std, (y - y_mean) / y_std
+    opt = torch.optim.AdamW(adapter.proj.parameters(), 1e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=steps)
+    for _ in range(steps):
+        i = torch.randint(0, len(x), (batch,), generator=generator)
+        loss = (adapter.proj(x[i]) - y[i]).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    with torch.no_grad():   # proj(x) = last(...first((e - m) / s)...) * ys + ym, as plain layers
+        first.bias -= first.weight @ (x_mean / x_std)
+        first.weight /= x_std
+        last.weight *= y_std[:, None]
+        last.bias.mul_(y_std).add_(y_mean)
+    return loss.item()
+
+
+def train_variations(cfg: UnclipTrainConfig) -> None:
+    """part=variations: the adapter fitted, the whole model written (atomically) to out_dir/model.safetensors
+    in the base model's dtype."""
+    import sys
+    model = variation_model(cfg.model, cfg.clip, cfg.adapter_hidden).eval().requires_grad_(False)
+    data = cached_scene_data(cfg, model, lambda m: print(m, file=sys.stderr))
+    canonical = canonical_captions(cfg.n_scenes, cfg.scene_seed, cfg.kinds)
+    text = model.cond_stage_model
+    with torch.no_grad():
+        contexts = torch.cat([text(text.tokenize(canonical[i:i + 500])) for i in range(0, len(canonical), 500)])
+    torch.manual_seed(cfg.seed)
+    loss = fit_to_captions(model.image_adapter.requires_grad_(True), data["embeds"], contexts, cfg.fit_steps,
+                           torch.Generator().manual_seed(cfg.seed))
+    _, base = checkpoint.load(cfg.model or default_model_path())
+    dtype = next(iter(base.values())).dtype
+    path = Path(cfg.out_dir) / "model.safetensors"
+    checkpoint.save({k: v.detach().to(dtype) for k, v in model.state_dict().items()}, model.config, path)
+    print(f"adapter fitted to {len(canonical)} scenes' canonical captions (loss {loss:.3f}; 1 = the mean "
+          f"context's): {path}", file=sys.stderr)
 
 
 # -- the prior -------------------------------------------------------------------------------------
@@ -188,6 +285,8 @@ def main(argv=None) -> None:
         raise ValueError("part=prior adds a prior to a decoder: pass --set decoder=PATH (from part=decoder)")
     if cfg.part == "decoder":
         model = unclip_decoder(cfg.model, cfg.clip)
+    elif cfg.part == "variations":
+        return train_variations(cfg)
     else:
         model_cfg, sd = checkpoint.load(cfg.decoder)
         model = LatentDiffusion(model_cfg)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from ldm.pipeline import DEFAULT_UNCLIP, Pipeline
+from ldm.pipeline import Pipeline, default_model_path
 from ldm.shapes.adherence import aggregate, load_prompts, score
 from ldm.shapes.eval_cli import PROMPTS
 from ldm.shapes.scenes import render, scene_from_prompt
@@ -80,7 +80,7 @@ def table(title: str, rows: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(DEFAULT_UNCLIP), help="a decoder or a whole unCLIP model (train_unclip.py)")
+    p.add_argument("--model", default=str(default_model_path()), help="a model that draws variations (train_unclip.py)")
     p.add_argument("--sources", type=int, default=50)
     p.add_argument("--variations", type=int, default=4)
     p.add_argument("--prompts", type=int, default=100)

@@ -79,10 +79,12 @@ def save(sd: dict, cfg: LDMConfig, path: str | Path, fmt: str = "ldm",
     """Write `sd` (our module's keys) as "ldm" (default), "original" or "diffusers"."""
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    if fmt in ("original", "diffusers") and cfg.autoencoder.upsampler_channels:
-        raise ValueError(f"the {fmt} layout can't express the autoencoder's learned upsampler "
-                         f"(autoencoder.upsampler_channels={cfg.autoencoder.upsampler_channels}, weights "
-                         f"first_stage_model.upsampler.*) nor its pixel_scale: save as 'ldm'")
+    ours_only = [what for what, used in (
+        (f"the autoencoder's learned upsampler (autoencoder.upsampler_channels={cfg.autoencoder.upsampler_channels}, "
+         f"weights first_stage_model.upsampler.*) nor its pixel_scale", cfg.autoencoder.upsampler_channels),
+        ("the image-variation adapter (image_adapter, weights image_adapter.*)", cfg.image_adapter)) if used]
+    if fmt in ("original", "diffusers") and ours_only:
+        raise ValueError(f"the {fmt} layout can't express {', nor '.join(ours_only)}: save as 'ldm'")
     if fmt == "diffusers":
         return save_diffusers(sd, cfg, Path(path))
     if fmt not in ("ldm", "original"):

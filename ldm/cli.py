@@ -57,18 +57,10 @@ def check_generate_args(args) -> None:
 
 
 def load_pipeline(args):
-    """(pipeline, model path) for a drawing command: --model, or the default model (its unCLIP form
-    for --variations), with the noisy classifier attached for --classifier-scale."""
-    from .pipeline import DEFAULT_CLASSIFIER, DEFAULT_UNCLIP, Pipeline, default_model_path
-    if args.model:
-        model = Path(args.model)
-    elif getattr(args, "variations", None) is not None:
-        model = DEFAULT_UNCLIP
-        if not model.is_file():
-            raise ValueError(f"--variations with the default model needs {model} (python train_unclip.py), "
-                             f"or pass --model with an image-variation / unCLIP model")
-    else:
-        model = default_model_path()
+    """(pipeline, model path) for a drawing command: --model, or the default model (which draws
+    variations too), with the noisy classifier attached for --classifier-scale."""
+    from .pipeline import DEFAULT_CLASSIFIER, Pipeline, default_model_path
+    model = Path(args.model) if args.model else default_model_path()
     classifier = None
     if getattr(args, "classifier_scale", None):
         classifier = Path(args.classifier) if args.classifier else DEFAULT_CLASSIFIER
@@ -80,6 +72,12 @@ def load_pipeline(args):
     pipe = Pipeline.from_pretrained(model, device=args.device, dtype=args.dtype,
                                     prediction_type=args.prediction_type, allow_pickle=args.allow_pickle,
                                     config=args.config)
+    kind = pipe.config.image_embedding
+    if getattr(args, "variations", None) is not None and kind is None:
+        raise ValueError(f"--variations: {model} has no image encoder, it draws no variations; pass --model with "
+                         f"an image-variation / unCLIP model (the default model draws them)")
+    if getattr(args, "variations", None) is not None and kind == "context" and args.prompt:
+        raise ValueError("--variations: this image-variation model draws from the image alone; leave the PROMPT out")
     if classifier is not None:
         from .shapes.noisy_classifier import attach
         attach(pipe, classifier)
@@ -311,7 +309,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--hires-strength", type=float, default=0.5, help="the hires pass's strength (default 0.5)")
     g.add_argument("--variations", type=int, metavar="N",
                    help="N variations of --image (no prompt needed) by an image-variation / unCLIP --model "
-                        "(without --model: weights/ldm-default-unclip.safetensors, once train_unclip.py made it)")
+                        "(the default model draws them too)")
     g.add_argument("--classifier-scale", type=float, metavar="S",
                    help="classifier guidance by a noisy classifier toward what the prompt names (default "
                         "model: weights/ldm-default-classifier.safetensors; train_classifier.py)")

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
-from .image_config import ImageEncoderConfig, PriorConfig, check_embedding_parts
+from .image_config import ImageAdapterConfig, ImageEncoderConfig, PriorConfig, check_embedding_parts
 
 
 def require(cfg, name: str, ok, allowed: str, where: str | None = None) -> None:
@@ -221,6 +221,7 @@ class LDMConfig:
     # ("unclip": Stable unCLIP); a prior draws one from the text
     image_embedding: str | None = None
     image_encoder: ImageEncoderConfig | None = None
+    image_adapter: ImageAdapterConfig | None = None         # context: the embedding -> several context tokens
     embedding_noise_schedule: ScheduleConfig | None = None  # unclip: noises the embedding to noise_level
     prior: PriorConfig | None = None
     prior_text_encoder: TextEncoderConfig | None = None     # CLIPTextModelWithProjection of the prior

@@ -46,6 +46,20 @@ class ImageEncoderConfig:
 
 
 @dataclass(frozen=True)
+class ImageAdapterConfig:
+    """An image-variation model's adapter (LDMConfig.image_adapter): an MLP maps the CLIP image
+    embedding to `tokens` context tokens of the UNet's context width, as DALL·E 2's decoder projects it
+    into extra context tokens, so that a text-to-image UNet reads an image in the tokens it already
+    knows; the null condition is a stored context (the text encoder's "" where it came from one)."""
+    tokens: int = 4
+    hidden: int = 1024                 # the MLP's width (two hidden layers, GELU)
+
+    def __post_init__(self):
+        for name in ("tokens", "hidden"):
+            _check(self, name, lambda v: v >= 1, ">= 1")
+
+
+@dataclass(frozen=True)
 class PriorConfig:
     """Karlo's diffusion prior (diffusers `PriorTransformer` in its unCLIP form: linear encoder_hid_proj,
     "prd" token, no norm_in): text embedding + text hidden states + noised image embedding + time ->
@@ -67,6 +81,8 @@ class PriorConfig:
 def check_embedding_parts(cfg) -> None:
     """LDMConfig's DALL·E 2 fields agree with each other and with the UNet (called by its __post_init__)."""
     kind, enc, prior = cfg.image_embedding, cfg.image_encoder, cfg.prior
+    if cfg.image_adapter is not None and kind != "context":
+        raise ValueError("LDMConfig.image_adapter belongs to an image-variation model (image_embedding: context)")
     if kind not in (None, *IMAGE_EMBEDDINGS):
         raise ValueError(f"LDMConfig.image_embedding must be null or one of {', '.join(IMAGE_EMBEDDINGS)}, got {kind!r}")
     if kind is None:
@@ -84,9 +100,12 @@ def check_embedding_parts(cfg) -> None:
         if prior is not None or cfg.unet.adm_in_channels or cfg.embedding_noise_schedule is not None:
             raise ValueError("an image-variation model (image_embedding: context) has no prior, "
                              "adm_in_channels nor embedding_noise_schedule")
-        if enc is None or enc.projection_dim != cfg.unet.context_dim:
+        if cfg.text_encoder is not None and cfg.image_adapter is None:
+            raise ValueError("an image-variation model (image_embedding: context) with a text encoder needs an "
+                             "image_adapter: its text path and its image path share the UNet's context")
+        if enc is None or (cfg.image_adapter is None and enc.projection_dim != cfg.unet.context_dim):
             raise ValueError(f"image_embedding: context needs an image_encoder whose projection_dim is the "
-                             f"UNet's context_dim ({cfg.unet.context_dim})")
+                             f"UNet's context_dim ({cfg.unet.context_dim}), or an image_adapter")
         return
     if cfg.text_encoder is None or cfg.embedding_noise_schedule is None:
         raise ValueError("a Stable unCLIP model (image_embedding: unclip) needs a text_encoder and an "

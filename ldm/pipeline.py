@@ -24,9 +24,7 @@ from .samplers import sample
 from .unclip import Condition, class_vector_unet, embedding_condition, image_embeddings
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "ldm-default.safetensors"
-# the default model's Stable unCLIP form (variations, text -> prior -> image; train_unclip.py) and its
-# noisy classifier (classifier guidance; train_classifier.py), beside it in weights/
-DEFAULT_UNCLIP = DEFAULT_MODEL.with_name("ldm-default-unclip.safetensors")
+# the default model's noisy classifier (classifier guidance; train_classifier.py), beside it in weights/
 DEFAULT_CLASSIFIER = DEFAULT_MODEL.with_name("ldm-default-classifier.safetensors")
 
 

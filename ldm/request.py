@@ -93,7 +93,11 @@ def check_request(pipe, prompt, negative_prompt, steps, guidance_scale, height, 
     do; None takes the model's default. Nothing here touches a network."""
     cfg = pipe.config
     embedding = {}
-    if cfg.image_embedding is not None:   # image variations / Stable unCLIP: image= is the embedding's source
+    # a text-to-image model that also draws variations (an image adapter beside its text encoder) takes
+    # the embedding path only for image= without a prompt
+    text_too = cfg.image_embedding == "context" and cfg.text_encoder is not None
+    if cfg.image_embedding is not None and not (text_too and (prompt is not None or image is None)):
+        # image variations / Stable unCLIP: image= is the embedding's source
         prompt, embedding = check_embedding_inputs(cfg, prompt, image, mask_image, strength, noise_level,
                                                    prior_steps, prior_guidance_scale)
         image = mask_image = strength = noise_level = None
@@ -130,7 +134,7 @@ def check_request(pipe, prompt, negative_prompt, steps, guidance_scale, height, 
     check_memory(pipe, len(prompts) * n, height, width)
     guidance_rescale = check_guidance_rescale(guidance_rescale)
     per_prompt = _regions(cfg, prompts, regions)
-    if cfg.image_embedding is not None and (any(per_prompt) or cfg.text_encoder is None and negative_prompt):
+    if embedding and (any(per_prompt) or cfg.image_embedding == "context" and negative_prompt):
         raise ValueError("an image-embedding model takes no regional prompts (pass regions=None), and an "
                          "image-variation model no negative_prompt (its null condition is the zero embedding)")
     regions_from_t = _regions_from_t(cfg, regions_from_t)

@@ -1,7 +1,8 @@
 """Image-embedding conditioning (the DALL·E 2 family) as data for the one sampling loop: a
 `Condition` is the decoder's conditioning drawn before the latents, in diffusers' order of random
 draws. Image variations (`image_embedding: "context"`): the CLIP image embedding is the one
-cross-attention token, the null condition the zero embedding. Stable unCLIP ("unclip"): the
+cross-attention token, the null condition the zero embedding (diffusers); or, with an image_adapter
+(ours), an MLP maps it to several tokens, the null condition a stored context. Stable unCLIP ("unclip"): the
 embedding, normalised by the stored mean/std, noised to `noise_level` by its own DDPM schedule and
 un-normalised, concatenated with the sinusoidal embedding of `noise_level`, is the UNet's class
 vector (`adm_in_channels`); the null condition is the all-zero vector. The embedding comes from
@@ -45,10 +46,29 @@ class NoiseAugmentor(nn.Module):
         return torch.cat([noised, timestep_embedding(t, embeds.shape[1]).to(embeds.dtype)], dim=1)
 
 
+class ImageAdapter(nn.Module):
+    """An image-variation model's embedding -> context tokens (LDMConfig.image_adapter): a two-hidden-layer
+    GELU MLP to tokens × context_dim, and the stored null context CFG draws against."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        a, width = cfg.image_adapter, cfg.unet.context_dim
+        self.shape = (a.tokens, width)
+        self.proj = nn.Sequential(nn.Linear(cfg.image_encoder.projection_dim, a.hidden), nn.GELU(),
+                                  nn.Linear(a.hidden, a.hidden), nn.GELU(), nn.Linear(a.hidden, a.tokens * width))
+        self.register_buffer("null_context", torch.zeros(a.tokens, width))
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, tokens, context_dim)."""
+        return self.proj(embeds).reshape(len(embeds), *self.shape)
+
+
 def build_parts(model: nn.Module, cfg) -> None:
     """The LatentDiffusion's DALL·E 2 parts, under their SD 2.1-unclip names where it has them."""
     if cfg.image_encoder is not None:
         model.embedder = ImageEncoder(cfg.image_encoder)
+    if cfg.image_adapter is not None:
+        model.image_adapter = ImageAdapter(cfg)
     if cfg.image_embedding == "unclip":
         model.noise_augmentor = NoiseAugmentor(cfg.unet.adm_in_channels // 2)
     if cfg.prior is not None:
@@ -68,7 +88,7 @@ def embedding_condition(pipe, req, generator: torch.Generator) -> Condition | No
     to image embedding), then the embedding noise (unclip; even at noise_level 0). Rows: one per
     image (req.prompts), source image i ↔ prompt i. None for a model without image embeddings."""
     kind, n = pipe.config.image_embedding, len(req.prompts)
-    if kind is None:
+    if kind is None or kind == "context" and req.embedding_images is None:   # (the text path of a model with both)
         return None
     if req.embedding_images is not None:
         embeds = image_embeddings(pipe, req.embedding_images)                        # (P, D)
@@ -76,7 +96,11 @@ def embedding_condition(pipe, req, generator: torch.Generator) -> Condition | No
         embeds = pipe.model.prior.sample(req.prompts, req.prior_steps, req.prior_guidance_scale, generator,
                                          pipe.device).to(pipe.dtype)                 # (N, D)
     if kind == "context":
-        return Condition(context=embeds.repeat_interleave(n // len(embeds), 0)[:, None])   # (N, 1, D)
+        per_row = embeds.repeat_interleave(n // len(embeds), 0)                          # (N, D)
+        adapter = getattr(pipe.model, "image_adapter", None)
+        if adapter is None:
+            return Condition(context=per_row[:, None])                                   # (N, 1, D)
+        return Condition(context=adapter(per_row), null_context=adapter.null_context.expand(n, -1, -1))
     noise = torch.randn(embeds.shape, generator=generator, device=generator.device).to(embeds)
     ac = alphas_cumprod(pipe.config.embedding_noise_schedule)
     vector = pipe.model.noise_augmentor(embeds.float(), req.noise_level, noise.float(), ac)

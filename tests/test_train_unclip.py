@@ -130,11 +130,67 @@ def test_shape_clip_loads_back_and_serves_as_an_open_clip_model(clip_file, scene
     assert pictures.grad.abs().sum() > 0
 
 
-def test_variations_of_the_default_model_need_its_unclip_file(scene, tmp_path, monkeypatch, capsys):
-    import ldm.pipeline
-    monkeypatch.setattr(ldm.pipeline, "DEFAULT_UNCLIP", tmp_path / "missing.safetensors")
+def test_adapter_fit_folds_its_standardisation_into_plain_layers():
+    """fit_to_captions trains on standardised inputs and targets, then folds both into the first and last
+    layers: the adapter alone maps raw embeddings to raw contexts."""
+    from ldm.config import LDMConfig
+    from ldm.unclip import ImageAdapter
+    from tiny_models import tiny_sd1
+    cfg = tiny_sd1()
+    cfg = LDMConfig(**{**cfg.__dict__, "image_embedding": "context", "image_adapter": train_unclip.ImageAdapterConfig(3, 64),
+                       "image_encoder": train_unclip.ImageEncoderConfig(hidden_size=32, num_layers=1, num_heads=2,
+                                                                        intermediate_size=64, image_size=32, patch_size=8,
+                                                                        projection_dim=8)})
+    g = torch.Generator().manual_seed(0)
+    embeds = 5 + 3 * torch.randn(512, 8, generator=g)                       # far from standard
+    w = torch.randn(8, 3 * cfg.unet.context_dim, generator=g)
+    contexts = (10 + 4 * ((embeds - 5) / 3) @ w / 8 ** 0.5).reshape(512, 3, -1)   # a linear function of them
+    adapter = ImageAdapter(cfg)
+    loss = train_unclip.fit_to_captions(adapter, embeds, contexts, 300, g, batch=128)
+    assert loss < 0.1                                                        # of the targets' variance
+    with torch.no_grad():
+        err = (adapter(embeds) - contexts).pow(2).mean() / contexts.var()
+    assert err < 0.1
+
+
+def test_variations_part_adds_an_adapter_and_leaves_the_text_path_alone(clip_file, scene, tmp_path, capsys):
+    out = tmp_path / "var"
+    train_unclip.main(["--set", "part=variations", "--set", f"clip={clip_file}", "--set", f"out_dir={out}",
+                       "--set", "n_scenes=8", "--set", "fit_steps=3", "--set", "adapter_hidden=32"])
+    path = out / "model.safetensors"
+    pipe, base = Pipeline.from_pretrained(path), Pipeline.from_pretrained(None)
+    assert pipe.config.image_embedding == "context" and pipe.config.image_adapter.tokens == 32
+    assert {str(v.dtype) for v in pipe.model.image_adapter.state_dict().values()} <= {"torch.float32"}
+    kw = dict(steps=2, seed=1, output_type="np")
+    assert np.array_equal(pipe("a red circle on the left", **kw), base("a red circle on the left", **kw))
+    img2img = dict(image=scene, strength=0.5, **kw)                        # a prompt with image=: img2img as before
+    assert np.array_equal(pipe("a blue square", **img2img), base("a blue square", **img2img))
+    ids = pipe.model.cond_stage_model.tokenize([""])
+    torch.testing.assert_close(pipe.model.image_adapter.null_context, pipe.model.cond_stage_model(ids)[0],
+                               rtol=0, atol=2e-3)                                 # (stored in fp16, as the model)
+    # image= without a prompt: variations, drawn from the adapter's tokens against the null context
+    images = pipe(image=scene, num_images_per_prompt=2, steps=2, seed=3)
+    assert len(images) == 2 and images.request.prompts == ["", ""]
+    source, png = tmp_path / "scene.png", tmp_path / "var.png"
+    scene.save(source)
+    assert cli(["generate", "--image", str(source), "--variations", "2", "--model", str(path), "--steps", "2",
+                "--seed", "3", "-o", str(png), "-q"]) == 0
+    for i, im in enumerate(images):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"var-{i:02d}.png")), np.asarray(im))
+    assert cli(["generate", "a red circle", "--image", str(source), "--variations", "2", "--model", str(path),
+                "-o", str(tmp_path / "p.png"), "-q"]) == 2
+    assert "leave the PROMPT out" in capsys.readouterr().err
+    for fmt in ("original", "diffusers"):
+        with pytest.raises(ValueError, match="image-variation adapter"):
+            pipe.save_pretrained(tmp_path / f"x-{fmt}", fmt)
+
+
+def test_variations_need_a_model_that_draws_them(scene, tmp_path, capsys):
+    from tiny_models import random_model, tiny_sd1
+    plain = tmp_path / "plain.safetensors"
+    Pipeline(random_model(tiny_sd1())).save_pretrained(plain)
     scene.save(tmp_path / "scene.png")
-    assert cli(["generate", "--image", str(tmp_path / "scene.png"), "--variations", "2", "-o",
-                str(tmp_path / "v.png"), "-q"]) == 2
-    assert "python train_unclip.py" in capsys.readouterr().err
+    assert cli(["generate", "--image", str(tmp_path / "scene.png"), "--variations", "2", "--model", str(plain),
+                "-o", str(tmp_path / "v.png"), "-q"]) == 2
+    assert "draws no variations" in capsys.readouterr().err
     assert not list(tmp_path.glob("v*.png"))

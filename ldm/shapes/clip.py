@@ -2,6 +2,7 @@
 so its image embeddings can condition a variation / unCLIP decoder of the default model) and a
 CLIP text tower, trained contrastively on freshly rendered captioned scenes, on the CPU.
 Usage: python -m ldm.shapes.clip out/shape_clip --steps 600 --batch 128
+       [--init out/shape_clip/clip.safetensors] (continue an earlier run on new scenes)
 Writes OUT/clip.safetensors (both towers; the configs in its metadata) and OUT/log.jsonl, and
 prints the held-out retrieval accuracy (image -> its caption among `--eval-batch` captions)."""
 from __future__ import annotations
@@ -123,11 +124,13 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--eval-batch", type=int, default=256)
     p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--init", help="continue from this CLIP (OUT/clip.safetensors of an earlier run) on new scenes")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    model = ShapeCLIP().train()
+    model = (load(args.init).requires_grad_(True) if args.init else ShapeCLIP()).train()
+    first = 0 if not args.init else 1_000_000          # a continued run draws other scenes than the first run
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     warmup = min(100, args.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warmup) * 0.5 *
@@ -136,7 +139,7 @@ def main(argv=None) -> int:
     start = time.time()
     with open(out / "log.jsonl", "w") as log:
         for step in range(1, args.steps + 1):
-            loss = model.loss(*batch(args.batch, seed=step))
+            loss = model.loss(*batch(args.batch, seed=first + step))
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -53,6 +53,8 @@ class UpsamplerTrainConfig:
     batch_size: int = 16
     crop: int = 24                   # each sample: a random crop of this many decoder pixels (the loss's), with
                                      # the upsampler's reach around it as context; 0: whole images
+    crop_tries: int = 4              # each crop: the one of this many random positions with the most edge in
+                                     # the decoder's output (a crop of empty background teaches little)
     lr: float = 3e-3                 # Adam; linear warm-up, then cosine to 0 at max_steps
     warmup_steps: int = 20
     grad_weight: float = 1.0         # weight of the L1 on horizontal/vertical differences (the edges)
@@ -61,7 +63,7 @@ class UpsamplerTrainConfig:
     checkpoint_every: int = 50       # 0: none
 
     def __post_init__(self):
-        for name, low in (("channels", 1), ("blocks", 0), ("crop", 0), ("scenes", 1), ("val_scenes", 1), ("max_steps", 1),
+        for name, low in (("channels", 1), ("blocks", 0), ("crop", 0), ("crop_tries", 1), ("scenes", 1), ("val_scenes", 1), ("max_steps", 1),
                           ("batch_size", 1), ("warmup_steps", 0), ("log_every", 1), ("eval_every", 1),
                           ("checkpoint_every", 0), ("seed", 0)):
             require(self, name, lambda v, low=low: v >= low, f">= {low}", "")
@@ -147,6 +149,13 @@ def render_set(namespace: str, n: int, size: int, masks: bool = False):
         if masks:
             bands[i] = border_band(object_mask(sc, size))
     return truth, bands
+
+
+def edge_integral(x: torch.Tensor) -> torch.Tensor:
+    """(N, H+1, W+1) summed-area table of the images' edge strength (|horizontal| + |vertical| difference,
+    all channels): the edge inside rows y0:y1, columns x0:x1 is S[y1,x1] - S[y0,x1] - S[y1,x0] + S[y0,x0]."""
+    e = F.pad(x.diff(dim=3).abs(), (0, 1)).sum(1) + F.pad(x.diff(dim=2).abs(), (0, 0, 0, 1)).sum(1)
+    return F.pad(e.double().cumsum(1).cumsum(2), (1, 0, 1, 0))
 
 
 def as_float(u8: torch.Tensor) -> torch.Tensor:
@@ -265,6 +274,7 @@ def main(argv=None) -> None:
         state = {"upsampler": up.state_dict(), "optimizer": opt.state_dict(), "step": step, "config": asdict(cfg)}
         atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
 
+    edge_sum = edge_integral(low)
     clock, losses = time.perf_counter(), []
     while step < cfg.max_steps:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -275,7 +285,12 @@ def main(argv=None) -> None:
         if cfg.crop:
             m, k = cfg.blocks + 3, ae_cfg.pixel_scale      # the upsampler's reach: convolutions, then 5×5 neighbours
             side = cfg.crop + 2 * m
-            ys, xs = torch.randint(0, low.shape[-1] - side + 1, (2, cfg.batch_size), generator=g).tolist()
+            ys, xs = torch.randint(0, low.shape[-1] - side + 1, (2, cfg.batch_size, cfg.crop_tries), generator=g)
+            y0, x0, y1, x1 = ys + m, xs + m, ys + m + cfg.crop, xs + m + cfg.crop   # the loss's window
+            rows = idx[:, None].expand_as(ys)
+            score = edge_sum[rows, y1, x1] - edge_sum[rows, y0, x1] - edge_sum[rows, y1, x0] + edge_sum[rows, y0, x0]
+            best = score.argmax(1, keepdim=True)
+            ys, xs = ys.gather(1, best)[:, 0].tolist(), xs.gather(1, best)[:, 0].tolist()
             inputs = torch.stack([inputs[b, :, y:y + side, x:x + side] for b, (y, x) in enumerate(zip(ys, xs))])
             targets = torch.stack([targets[b, :, (y + m) * k:(y + m + cfg.crop) * k, (x + m) * k:(x + m + cfg.crop) * k]
                                    for b, (y, x) in enumerate(zip(ys, xs))])
