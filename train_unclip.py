@@ -204,6 +204,7 @@ def variation_model(base_path: str, clip_path: str, hidden: int) -> LatentDiffus
     cfg = replace(base_cfg, image_embedding="context", image_encoder=IMAGE,
                   image_adapter=ImageAdapterConfig(tokens=base_cfg.text_encoder.max_length, hidden=hidden))
     model = LatentDiffusion(cfg)
+    sd = {k: v for k, v in sd.items() if not k.startswith(("embedder.", "image_adapter."))}   # replaced if there
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
     new = [k for k in missing if not k.startswith(("embedder.", "image_adapter."))]
     if new or unexpected:

@@ -1,5 +1,5 @@
-"""The default model's Stable unCLIP form (train_unclip.py), measured with `ldm eval`'s detector
-and the model's own CLIP image encoder:
+"""A model that draws variations (the default model, or train_unclip.py's unCLIP forms), measured
+with `ldm eval`'s detector and the model's own CLIP image encoder:
 
 - variations: a rendered scene of each eval prompt (scene_from_prompt, seed i) -> `--variations`
   images drawn from its CLIP image embedding alone (no prompt); a variation "keeps the source's

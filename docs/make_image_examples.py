@@ -1,20 +1,24 @@
-"""docs/image_examples.png: img2img, inpainting and outpainting by the default model, each as an
-input | output pair, on scenes rendered by ldm/shapes/scenes.py (the model's world).
+"""docs/image_examples.png: img2img, inpainting, outpainting and upscaling by the default model, each as
+an input | output pair, on scenes rendered by ldm/shapes/scenes.py (the model's world). The upscale is
+the default model's own learned ×8 (its autoencoder's upsampler), shown 1:1 on a crop: the network's
+64-px output, each pixel drawn 8×8, against the 512-px image.
 
     python docs/make_image_examples.py [--inputs DIR]
 
 It prints the calls (and the equivalent `ldm` commands) that made each picture; --inputs DIR also
-writes the input pictures and the mask there, so the commands can be run as printed. (The ×4 upscaler
-needs an x4 upscaler model, which this project does not ship.)"""
+writes the input pictures and the mask there, so the commands can be run as printed. (The SD ×4
+upscaler needs an x4 upscaler model, which this project does not ship.)"""
 from __future__ import annotations
 
 import argparse
 import math
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import ldm
+import ldm.pipeline
 from ldm.recipes import outpaint_canvas
 from ldm.shapes.scenes import EXTENT, Scene, SceneObject, render
 
@@ -23,6 +27,7 @@ TILE = 256        # tile height in the strip (the model draws 512 px)
 IMG2IMG = dict(prompt="a pink heart on a navy background", strength=0.6)
 INPAINT = dict(prompt="a red circle to the left of a green star")
 OUTPAINT = dict(prompt="a red circle to the left of a blue square", right=256)
+UPSCALE = dict(prompt="three yellow stars", box=(16, 8, 48, 40))   # the crop, in 64-px decoder pixels
 
 
 def obj(shape: str, colour: str, x: float, y: float = 0.5) -> SceneObject:
@@ -81,6 +86,15 @@ def main(inputs: Path | None = None):
     canvas, border = outpaint_canvas(circle, right=OUTPAINT["right"], factor=f)
     assert c.size == canvas.size and c.width % f == 0
 
+    z = pipe(UPSCALE["prompt"], seed=SEED, output_type="latent")
+    vae, k = pipe.model.first_stage_model, pipe.config.autoencoder.pixel_scale
+    with torch.no_grad():
+        low = vae.decode(z / pipe.config.autoencoder.scale_factor, resample=False).clamp(-1, 1)
+    low, big = ldm.pipeline.to_pil(low)[0], ldm.pipeline.to_pil(pipe.decode_latents(z))[0]
+    crop = UPSCALE["box"]
+    d_in = low.crop(crop).resize(((crop[2] - crop[0]) * k, (crop[3] - crop[1]) * k), Image.Resampling.NEAREST)
+    d_out = big.crop(tuple(v * k for v in crop))
+
     font = ImageFont.load_default(size=13)
     steps = pipe.config.default_steps
     picture = strip([
@@ -90,6 +104,8 @@ def main(inputs: Path | None = None):
                                    f"mask {mask.getbbox()}, seed {SEED}"]),
         (show_mask(canvas, border), c, [f"outpaint: {size}x{size} + {OUTPAINT['right']} px on the right ->",
                                         f'"{OUTPAINT["prompt"]}"', f"{c.width}x{c.height}, seed {SEED}"]),
+        (d_in, d_out, [f"upscale x{k}: the network's {low.width} px (crop) ->", "the learned x8 (autoencoder.upsampler)",
+                       f'"{UPSCALE["prompt"]}", seed {SEED}, 1:1']),
     ], font)
     out = Path(__file__).resolve().parent / "image_examples.png"
     picture.save(out, optimize=True)
@@ -116,7 +132,8 @@ ldm.outpaint(pipe, "{OUTPAINT['prompt']}", circle, right={OUTPAINT['right']}, se
 ldm generate "{IMG2IMG['prompt']}" --image {d}/star.png --strength {IMG2IMG['strength']} --seed {SEED} -o img2img.png
 ldm generate "{INPAINT['prompt']}" --image {d}/two.png --mask {d}/mask.png --seed {SEED} -o inpaint.png
 ldm outpaint {d}/circle.png "{OUTPAINT['prompt']}" --right {OUTPAINT['right']} --seed {SEED} -o outpaint.png""")
-    return dict(img2img=a, inpaint=b, outpaint=c)
+    print(f"# upscaling: every ldm generate by the default model ends in its learned x{k} (64 -> 512 px)")
+    return dict(img2img=a, inpaint=b, outpaint=c, upscale=big)
 
 
 if __name__ == "__main__":

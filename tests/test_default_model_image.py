@@ -90,12 +90,14 @@ INPAINT_CASES = [
 # Pixels at least one latent cell (32 px) away from the mask are compared with the init picture's
 # autoencoder round trip (posterior mean): the known latents are put back after every step, so only the
 # decoder's reach (it mixes across cells) and the posterior sample move them. Measured on all 32 images
-# (16 per case, seeds 0-3): mean |Δ| 0.68-1.07, max |Δ| 17 (of 255). Against the original render the
-# mean is 2.53-3.07, because the autoencoder itself blurs the sharp edges (its round trip alone: mean
-# 2.65 / 2.84, max 116 / 182 there). Redrawing the whole picture instead (img2img at strength 1 with the
+# (16 per case, seeds 0-3) with the learned ×8 upsampler: mean |Δ| 0.58-0.89, 99.9th percentile 17-18
+# (of 255); the max, 66-76, sits on a kept object's edge, which a sharp ×8 moves by a whole pixel where
+# the decoder's 64-px output moved it by a fraction (0.2% of the pixels differ by more than 16; with
+# bicubic the max was 17). Against the original render the mean is 2.53-3.07, because the autoencoder
+# itself changes the sharp edges. Redrawing the whole picture instead (img2img at strength 1 with the
 # same prompt, no mask) moves these pixels by 9.1-148 on average (max > 200), so the bounds below fail
-# when the known region is not kept; they leave 2.3× (mean) and 2.8× (max) the measured room.
-KEPT_MEAN, KEPT_MAX, ORIGINAL_MEAN = 2.5, 48, 4.0
+# when the known region is not kept; they leave 2.8× (mean) and 2.7× (99.9th percentile) the measured room.
+KEPT_MEAN, KEPT_P999, ORIGINAL_MEAN = 2.5, 48, 4.0
 
 
 @pytest.mark.parametrize("case", INPAINT_CASES, ids=lambda c: c[5].replace(" ", "_"))
@@ -132,7 +134,7 @@ def test_inpainting_replaces_the_masked_object_and_keeps_the_rest(pipe, case):
     for image in images:
         out = np.asarray(image, np.float32)[away]
         diff = np.abs(out - reference)
-        assert diff.mean() < KEPT_MEAN and diff.max() < KEPT_MAX, (diff.mean(), diff.max())
+        assert diff.mean() < KEPT_MEAN and np.percentile(diff, 99.9) < KEPT_P999, (diff.mean(), diff.max())
         assert np.abs(out - original).mean() < ORIGINAL_MEAN
 
 
@@ -180,3 +182,29 @@ def test_img2img_at_high_strength_follows_a_new_prompt(pipe):
         passed += (found(dets, *NEW, lambda cx, cy: cx > 0.5) and not found(dets, *right, lambda cx, cy: True)
                    and found(dets, *left, lambda cx, cy: cx < 0.5))
     assert passed >= NEED_I2I, seen
+
+
+# ---------------------------------------------------------------- variations (issue 20)
+# Measured on these 4 scenes (seed 0, 2 variations each): CLIP image cosine to their own source 0.748,
+# to the other sources -0.105 (bench/unclip_default.py, 50 sources × 4: 0.735 / 0.115). The floors
+# leave 0.25 of room; an adapter that ignored the image would give own ≈ other.
+VARIATION_OWN_MIN, VARIATION_GAP_MIN = 0.5, 0.6
+VARIATION_SOURCES = ["a red star", "a blue ring on a beige background", "a green heart on the left",
+                     "two yellow squares"]
+
+
+def test_variations_resemble_their_source_more_than_the_others(pipe):
+    """`ldm generate --image scene.png --variations N` with the default model: each variation's CLIP image
+    embedding (the model's own image tower) is nearer its source's than the other sources'."""
+    import torch.nn.functional as F
+    from ldm.shapes.scenes import scene_from_prompt
+    sources = [render(scene_from_prompt(p, seed=0), pipe.config.sample_size) for p in VARIATION_SOURCES]
+    drawn = [pipe(image=s, num_images_per_prompt=2, seed=0) for s in sources]
+    assert all(im.request.prompts == ["", ""] for im in drawn)
+    src = F.normalize(pipe.encode_image_embedding(sources).float(), dim=-1)                   # (4, D)
+    var = F.normalize(pipe.encode_image_embedding([im for row in drawn for im in row]).float(), dim=-1)
+    cos = var @ src.T                                                                          # (8, 4)
+    own = cos[torch.arange(8), torch.arange(8) // 2]
+    other = (cos.sum(1) - own) / 3
+    assert own.mean() >= VARIATION_OWN_MIN and own.mean() - other.mean() >= VARIATION_GAP_MIN, (own, other)
+    assert (own > other).all(), (own, other)

@@ -49,6 +49,9 @@ class UpsamplerTrainConfig:
     blocks: int = 3                  # -> autoencoder.upsampler_blocks
     scenes: int = 600                # training pool: scenes rendered at the model's sample_size
     val_scenes: int = 32             # held-out scenes (another seed namespace) for PSNR and sharpness
+    thin_share: float = 0.0          # share of the training scenes drawn with stars and crosses only (the thin
+                                     # points a sharp ×8 rounds off first; the evaluator then reads circles)
+    keep_upsampler: bool = False     # init has an upsampler: train it on (a fine-tune) instead of a fresh one
     max_steps: int = 300
     batch_size: int = 16
     crop: int = 24                   # each sample: a random crop of this many decoder pixels (the loss's), with
@@ -69,15 +72,20 @@ class UpsamplerTrainConfig:
             require(self, name, lambda v, low=low: v >= low, f">= {low}", "")
         require(self, "lr", lambda v: 0 < v < float("inf"), "a finite number > 0", "")
         require(self, "grad_weight", lambda v: 0 <= v < float("inf"), "a finite number >= 0", "")
+        require(self, "thin_share", lambda v: 0 <= v <= 1, "a share in [0, 1]", "")
 
 
 # ---------------------------------------------------------------------------------------------
 # Scenes, pairs and the edge-sharpness measure
 
 
-def scene(namespace: str, i: int):
-    """Scene i of a seed namespace (every kind, every colour and shape: the autoencoder is not text-conditioned)."""
-    return random_scene(random.Random(f"{namespace}:{i}"))
+THIN = ("star", "cross")
+
+
+def scene(namespace: str, i: int, thin: bool = False):
+    """Scene i of a seed namespace (every kind, every colour and shape: the autoencoder is not
+    text-conditioned); thin: its objects all stars or crosses."""
+    return random_scene(random.Random(f"{namespace}:{i}"), allow=(lambda c, s: s in THIN) if thin else None)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -139,12 +147,13 @@ def decoder_input(ae: AutoencoderKL, x: torch.Tensor, batch: int = 16) -> torch.
     return torch.cat([ae.decode(ae.encode(f(x[i:i + batch])).mean, resample=False) for i in range(0, len(x), batch)])
 
 
-def render_set(namespace: str, n: int, size: int, masks: bool = False):
-    """(truth (n, 3, size, size) uint8, bands (n, size, size) bool or None) of scenes 0..n-1 of a namespace."""
+def render_set(namespace: str, n: int, size: int, masks: bool = False, thin: int = 0):
+    """(truth (n, 3, size, size) uint8, bands (n, size, size) bool or None) of scenes 0..n-1 of a
+    namespace, the first `thin` of them with stars and crosses only."""
     truth = torch.empty(n, 3, size, size, dtype=torch.uint8)
     bands = torch.empty(n, size, size, dtype=torch.bool) if masks else None
     for i in range(n):
-        sc = scene(namespace, i)
+        sc = scene(namespace, i, thin=i < thin)
         truth[i] = torch.from_numpy(np.array(render(sc, size))).permute(2, 0, 1)
         if masks:
             bands[i] = border_band(object_mask(sc, size))
@@ -226,15 +235,24 @@ def main(argv=None) -> None:
     ae_cfg = model_cfg.autoencoder
     if ae_cfg.pixel_scale == 1:
         raise ValueError(f"{cfg.init}: autoencoder.pixel_scale is 1, there is no ×pixel_scale to learn")
-    if ae_cfg.upsampler_channels:  # (the shipped default model) a fresh one is trained in its place
-        print(f"{cfg.init} has an upsampler already: training a new one in its place", file=sys.stderr)
+    keep = {}
+    if ae_cfg.upsampler_channels:  # (the shipped default model) a fresh one is trained in its place, or it goes on
+        if cfg.keep_upsampler and (ae_cfg.upsampler_channels, ae_cfg.upsampler_blocks) != (cfg.channels, cfg.blocks):
+            raise ValueError(f"keep_upsampler: {cfg.init}'s upsampler has {ae_cfg.upsampler_channels} channels and "
+                             f"{ae_cfg.upsampler_blocks} blocks; set channels and blocks to those")
+        print(f"{cfg.init} has an upsampler already: " + ("training it on" if cfg.keep_upsampler else
+                                                           "training a new one in its place"), file=sys.stderr)
+        keep = {k[len(VAE):]: v.float() for k, v in sd.items() if k.startswith(VAE + "upsampler.")}
         sd = {k: v for k, v in sd.items() if not k.startswith(VAE + "upsampler.")}
+    elif cfg.keep_upsampler:
+        raise ValueError(f"keep_upsampler: {cfg.init} has no upsampler to train on")
     new_ae_cfg = replace(ae_cfg, upsampler_channels=cfg.channels, upsampler_blocks=cfg.blocks)
     dtype = next(v.dtype for k, v in sd.items() if k.startswith(VAE))
     torch.manual_seed(cfg.seed)
     ae = AutoencoderKL(new_ae_cfg)
     frozen = {k[len(VAE):]: v.float() for k, v in sd.items() if k.startswith(VAE)}
-    ae.load_state_dict({**frozen, **{"upsampler." + k: v for k, v in ae.upsampler.state_dict().items()}})
+    fresh = {"upsampler." + k: v for k, v in ae.upsampler.state_dict().items()}
+    ae.load_state_dict({**frozen, **fresh, **(keep if cfg.keep_upsampler else {})})
     ae.requires_grad_(False).eval()
     up = ae.upsampler.requires_grad_(True).train()
     opt = torch.optim.Adam(up.parameters(), lr=cfg.lr)
@@ -258,7 +276,7 @@ def main(argv=None) -> None:
         raise ValueError(f"crop {cfg.crop} plus the upsampler's reach ({cfg.blocks + 3}) on each side exceeds the "
                          f"decoder's {size // ae_cfg.pixel_scale} pixels: lower crop (0: whole images)")
     t0 = time.perf_counter()
-    truth, _ = render_set(f"upsampler-train:{cfg.seed}", cfg.scenes, size)
+    truth, _ = render_set(f"upsampler-train:{cfg.seed}", cfg.scenes, size, thin=round(cfg.thin_share * cfg.scenes))
     low = decoder_input(ae, truth)
     val_truth, val_bands = render_set(f"upsampler-val:{cfg.seed}", cfg.val_scenes, size, masks=True)
     val = {"truth": val_truth, "bands": val_bands, "low": decoder_input(ae, val_truth)}
