@@ -40,6 +40,7 @@ from torch import nn
 from ldm import checkpoint
 from ldm.config import ScheduleConfig, apply_overrides, from_dict, read_yaml, require
 from ldm.diffusion import LatentDiffusion
+from ldm.image_encoder import built_image_encoder
 from ldm.image_config import ImageAdapterConfig, ImageEncoderConfig, PriorConfig
 from ldm.pipeline import default_model_path
 from ldm.schedule import alphas_cumprod, diffusion_loss, q_sample
@@ -121,7 +122,7 @@ def scene_data(model: LatentDiffusion, n: int, seed: int, kinds, batch: int = 64
         x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1
         with torch.no_grad():
             posterior = model.first_stage_model.encode(x, resample=False)
-            embeds.append(model.embedder.embed([Image.fromarray(p) for p in pixels]))
+            embeds.append(built_image_encoder(model).embed([Image.fromarray(p) for p in pixels]))
         moments.append(torch.cat([posterior.mean, posterior.logvar], 1))
     return {"moments": torch.cat(moments), "embeds": torch.cat(embeds).float(), "captions": captions}
 

@@ -88,6 +88,67 @@ class ImageEncoder(nn.Module):
         return self(pixels.to(device or self.clip.device))
 
 
+def tower_shapes(cfg: ImageEncoderConfig) -> dict[str, tuple[int, ...]]:
+    """ImageEncoder's state-dict names and shapes, from the config alone (no transformers import)."""
+    h, p, inter = cfg.hidden_size, cfg.patch_size, cfg.intermediate_size
+    vm = "clip.vision_model."
+    shapes = {vm + "embeddings.class_embedding": (h,), vm + "embeddings.patch_embedding.weight": (h, 3, p, p),
+              vm + "embeddings.position_embedding.weight": ((cfg.image_size // p) ** 2 + 1, h)}
+    norm = lambda name: {f"{name}.weight": (h,), f"{name}.bias": (h,)}             # noqa: E731
+    shapes.update({vm + k: v for k, v in norm("pre_layrnorm").items()})
+    for i in range(cfg.num_layers):
+        pre = f"{vm}encoder.layers.{i}."
+        for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
+            shapes.update({f"{pre}self_attn.{proj}.weight": (h, h), f"{pre}self_attn.{proj}.bias": (h,)})
+        shapes.update({pre + k: v for k, v in norm("layer_norm1").items()})
+        shapes.update({f"{pre}mlp.fc1.weight": (inter, h), f"{pre}mlp.fc1.bias": (inter,),
+                       f"{pre}mlp.fc2.weight": (h, inter), f"{pre}mlp.fc2.bias": (h,)})
+        shapes.update({pre + k: v for k, v in norm("layer_norm2").items()})
+    shapes.update({vm + k: v for k, v in norm("post_layernorm").items()})
+    shapes["clip.visual_projection.weight"] = (cfg.projection_dim, h)
+    return shapes
+
+
+class LazyImageEncoder(nn.Module):
+    """An ImageEncoder's weights, held under its names until `build()`: a text-to-image model that
+    also draws variations (ldm/unclip.py ImageAdapter) keeps its image tower this way, so a plain
+    text-to-image run never imports transformers' CLIP (~3 s of start-up). state_dict, load_state_dict
+    and .to() see the same keys and tensors as the built tower's."""
+
+    def __init__(self, cfg: ImageEncoderConfig):
+        super().__init__()
+        self.config = cfg
+        self.tensors = {k: torch.zeros(shape) for k, shape in tower_shapes(cfg).items()}
+
+    def build(self) -> ImageEncoder:
+        tower = ImageEncoder(self.config).train(self.training)
+        tower.load_state_dict(self.tensors, strict=True, assign=True)
+        return tower
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination.update({prefix + k: v for k, v in self.tensors.items()})
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for k in self.tensors:
+            if prefix + k in state_dict:
+                self.tensors[k] = state_dict[prefix + k]
+            else:
+                missing_keys.append(prefix + k)
+        unexpected_keys += [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in self.tensors]
+
+    def _apply(self, fn, recurse=True):
+        self.tensors = {k: fn(v) for k, v in self.tensors.items()}
+        return self
+
+
+def built_image_encoder(model: nn.Module) -> ImageEncoder:
+    """model.embedder, built first if it is still a LazyImageEncoder."""
+    if isinstance(model.embedder, LazyImageEncoder):
+        model.embedder = model.embedder.build()
+    return model.embedder
+
+
 # --- open_clip's `visual` layout (SD 2.1-unclip's embedder.model.visual.*) <-> transformers' ------------
 
 _LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",

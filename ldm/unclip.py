@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .image_encoder import ImageEncoder
+from .image_encoder import ImageEncoder, LazyImageEncoder, built_image_encoder
 from .layers import timestep_embedding
 from .schedule import alphas_cumprod, q_sample
 
@@ -65,8 +65,9 @@ class ImageAdapter(nn.Module):
 
 def build_parts(model: nn.Module, cfg) -> None:
     """The LatentDiffusion's DALL·E 2 parts, under their SD 2.1-unclip names where it has them."""
-    if cfg.image_encoder is not None:
-        model.embedder = ImageEncoder(cfg.image_encoder)
+    if cfg.image_encoder is not None:    # a text model's tower for variations is built when first used
+        lazy = cfg.image_adapter is not None and cfg.text_encoder is not None
+        model.embedder = (LazyImageEncoder if lazy else ImageEncoder)(cfg.image_encoder)
     if cfg.image_adapter is not None:
         model.image_adapter = ImageAdapter(cfg)
     if cfg.image_embedding == "unclip":
@@ -80,7 +81,7 @@ def image_embeddings(pipe, images) -> torch.Tensor:
     """PIL image(s) -> (B, D) CLIP image embeddings in the pipeline's dtype."""
     if getattr(pipe.model, "embedder", None) is None:
         raise ValueError("this model has no image encoder (image_encoder in its config): it can't embed images")
-    return pipe.model.embedder.embed(images, pipe.device).to(pipe.dtype)
+    return built_image_encoder(pipe.model).embed(images, pipe.device).to(pipe.dtype)
 
 
 def embedding_condition(pipe, req, generator: torch.Generator) -> Condition | None:

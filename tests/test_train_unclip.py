@@ -194,3 +194,24 @@ def test_variations_need_a_model_that_draws_them(scene, tmp_path, capsys):
                 "-o", str(tmp_path / "v.png"), "-q"]) == 2
     assert "draws no variations" in capsys.readouterr().err
     assert not list(tmp_path.glob("v*.png"))
+
+
+def test_lazy_image_tower_matches_the_tower_and_keeps_transformers_out_of_text_runs(scene):
+    """The default model's image tower waits in a LazyImageEncoder (same state-dict names and shapes)
+    until variations need it, so a text-to-image run never imports transformers' CLIP."""
+    import subprocess
+    from ldm.image_encoder import ImageEncoder, LazyImageEncoder, tower_shapes
+    cfg = shape_clip.IMAGE
+    torch.manual_seed(0)
+    tower = ImageEncoder(cfg).eval()
+    assert {k: tuple(v.shape) for k, v in tower.state_dict().items()} == tower_shapes(cfg)
+    lazy = LazyImageEncoder(cfg)
+    lazy.load_state_dict(tower.state_dict())
+    lazy.to(torch.float64)
+    built = lazy.build().eval()
+    x = torch.randn(2, 3, cfg.image_size, cfg.image_size, dtype=torch.float64)
+    assert torch.equal(built(x), tower.double()(x))
+    code = ("import sys, ldm; p = ldm.Pipeline.from_pretrained(); p('a red circle', steps=2, output_type='latent'); "
+            "print('transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[-1] == "False"
