@@ -1,5 +1,6 @@
-"""Make the default model a Stable unCLIP model (DALL·E 2's decoder and prior) with the shape world's
-CLIP (`python -m ldm.shapes.clip`): variations of a picture and text -> prior -> image, offline.
+"""Give the default model DALL·E 2's image conditioning with the shape world's CLIP (`python -m
+ldm.shapes.clip`): its own variations (part=variations: what ships), or a Stable unCLIP decoder and
+prior (part=decoder, part=prior: tried, measured weaker; docs/default_model.md).
 
     python train_unclip.py --set part=decoder                     # out/unclip_decoder/decoder.safetensors
     python train_unclip.py --set part=prior --set decoder=out/unclip_decoder/decoder.safetensors

@@ -120,8 +120,9 @@ def class_vector_unet(unet, dtype, vector: torch.Tensor):
 def check_embedding_inputs(cfg, prompt, image, mask_image, strength, noise_level, prior_steps,
                            prior_guidance_scale) -> tuple:
     """(prompt, the Request fields of the embedding) for a model with image_embedding, checked before
-    any work. Variations: image= is required and prompt is not taken (there is no text encoder; each
-    image gets "" as its record's prompt). unCLIP: a prompt (or none with image=: "" per image, as
+    any work. Variations: image= is required and prompt is not taken (there is no text encoder, or, for
+    a text model with an image adapter, a prompt means its text path, checked before this; each image
+    gets "" as its record's prompt). unCLIP: a prompt (or none with image=: "" per image, as
     diffusers), and image= or a prior (text -> image embedding); noise_level in [0, T) of the
     embedding's noising schedule (default 0, as diffusers)."""
     from .checks import as_float, as_int
