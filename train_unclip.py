@@ -4,6 +4,7 @@ prior (part=decoder, part=prior: tried, measured weaker; docs/default_model.md).
 
     python train_unclip.py --set part=decoder                     # out/unclip_decoder/decoder.safetensors
     python train_unclip.py --set part=prior --set decoder=out/unclip_decoder/decoder.safetensors
+    python train_unclip.py --set part=prior --set out_dir=out/prior     # the default model's prior file
     python train_unclip.py --set part=variations --set out_dir=out/variations   # the default model + variations
     (fields: UnclipTrainConfig below; --set key=value or --key=value; --resume continues a run)
 
@@ -14,9 +15,12 @@ the text-to-image model exactly). The caption is dropped to "" half the time (DA
 decoder must draw from the embedding alone for variations), the embedding to the null all-zero
 vector 10% of the time. The text encoder stays frozen.
 prior: Karlo's PriorTransformer learns p(image embedding | caption) by DDPM with "sample"
-prediction on the normalised embedding; its text encoder is the default model's own (the hidden
-states the decoder reads) with a learned projection; the caption is dropped to "" 10% of the time
-(the prior's CFG). The export is the whole unCLIP model (decoder + prior) in one ldm file.
+prediction on the normalised embedding; its text encoder is the model's own (the hidden states the
+decoder reads) with a learned projection; the caption is dropped to "" `text_drop` of the time (the
+prior's CFG; set 0.1). For an unCLIP decoder (decoder=) the export is the whole unCLIP model
+(decoder + prior) in one ldm file; for a text model that draws variations (model=, default: the
+default model) it is a prior file beside it (ldm/prior.py `attach`, `pipe(prompt, use_prior=True)`),
+which shares the model's text encoder rather than copying it.
 variations (what ships: the default model's own variations): the text-to-image model stays whole and
 frozen; an image adapter (ldm/unclip.py ImageAdapter: an MLP, as DALL·E 2's decoder projects the
 CLIP embedding into extra context tokens) learns to map the CLIP image embedding of each scene to
@@ -42,7 +46,7 @@ from ldm import checkpoint
 from ldm.config import ScheduleConfig, apply_overrides, from_dict, read_yaml, require
 from ldm.diffusion import LatentDiffusion
 from ldm.image_encoder import built_image_encoder
-from ldm.image_config import ImageAdapterConfig, ImageEncoderConfig, PriorConfig
+from ldm.image_config import ImageAdapterConfig, PriorConfig
 from ldm.pipeline import default_model_path
 from ldm.schedule import alphas_cumprod, diffusion_loss, q_sample
 from ldm.training.config import RunConfig, parse_cli
@@ -59,7 +63,7 @@ PRIOR_SCHEDULE = ScheduleConfig(beta_schedule="squaredcos_cap_v2", prediction_ty
 @dataclass(frozen=True)
 class UnclipTrainConfig(RunConfig):
     part: str = "decoder"            # "decoder" | "prior" | "variations"
-    model: str = ""                  # decoder: the text-to-image model to extend ("" = the default model)
+    model: str = ""                  # decoder / variations / prior: the text-to-image model ("" = the default model)
     clip: str = "out/shape_clip/clip.safetensors"   # decoder: the CLIP whose image tower is the embedder
     decoder: str = ""                # prior: the decoder file the prior is added to
     model_preset: str = ""
@@ -273,7 +277,7 @@ def with_prior(model: LatentDiffusion, prior_cfg: PriorConfig) -> LatentDiffusio
     cfg = replace(model.config, prior=prior_cfg, prior_text_encoder=model.config.text_encoder,
                   prior_schedule=PRIOR_SCHEDULE)
     model.config = cfg
-    model.prior = DiffusionPrior(cfg)
+    model.prior = DiffusionPrior.of_model(cfg)
     tower = {k.replace("transformer.", "text_model.", 1): v for k, v in model.cond_stage_model.state_dict().items()}
     tower["text_projection.weight"] = torch.eye(prior_cfg.embedding_dim, cfg.text_encoder.hidden_size)
     model.prior.text_encoder.load_state_dict(tower)
@@ -284,19 +288,21 @@ def main(argv=None) -> None:
     args, overrides = parse_cli(argv, __doc__)
     cfg = from_dict(UnclipTrainConfig, read_yaml(args.config) if args.config else {})
     cfg = apply_overrides(cfg, [o.lstrip("-") for o in overrides])
-    if cfg.part == "prior" and not cfg.decoder:
-        raise ValueError("part=prior adds a prior to a decoder: pass --set decoder=PATH (from part=decoder)")
     if cfg.part == "decoder":
         model = unclip_decoder(cfg.model, cfg.clip)
     elif cfg.part == "variations":
         return train_variations(cfg)
-    else:
-        model_cfg, sd = checkpoint.load(cfg.decoder)
+    else:                       # the prior of an unCLIP decoder, or of a text model with an image adapter
+        model_cfg, sd = checkpoint.load(cfg.decoder or cfg.model or default_model_path())
         model = LatentDiffusion(model_cfg)
         model.load_state_dict({k: v.float() for k, v in sd.items()})
+        if model_cfg.image_embedding not in ("unclip", "context") or model_cfg.text_encoder is None:
+            raise ValueError("part=prior needs a Stable unCLIP decoder (--set decoder=PATH, from part=decoder) or a "
+                             "text-to-image model that draws variations (--set model=PATH; default: the default model)")
     model.eval().requires_grad_(False)
-    export = "decoder.safetensors" if cfg.part == "decoder" else "unclip.safetensors"
-    run = start(cfg, f"train_unclip_{cfg.part}", cfg.n_scenes, args.resume, export)
+    beside = cfg.part == "prior" and model.config.image_embedding == "context"     # a prior file beside the model
+    export = {"decoder": "decoder.safetensors", "prior": "prior.safetensors" if beside else "unclip.safetensors"}
+    run = start(cfg, f"train_unclip_{cfg.part}", cfg.n_scenes, args.resume, export[cfg.part])
     accelerator, device = run.accelerator, run.accelerator.device
     data = cached_scene_data(cfg, model, run.say)
     mean, std = data["embeds"].mean(0, keepdim=True), data["embeds"].std(0, keepdim=True)
@@ -306,14 +312,18 @@ def main(argv=None) -> None:
         model.noise_augmentor.data_std.copy_(std)
         trained = model.unet.requires_grad_(True).train()
     else:
-        model = with_prior(model, cfg.prior)
-        prior = model.prior
+        if beside:
+            from ldm.prior import DiffusionPrior
+            prior = DiffusionPrior(cfg.prior, PRIOR_SCHEDULE, model.config.text_encoder,
+                                   shared_text=model.cond_stage_model)
+        else:
+            prior = with_prior(model, cfg.prior).prior
+            prior.text_encoder.requires_grad_(False)
+            prior.text_encoder.text_projection.requires_grad_(True)
         prior.transformer.clip_mean.data.copy_(mean)
         prior.transformer.clip_std.data.copy_(std)
         prior.transformer.clip_mean.requires_grad_(False)
         prior.transformer.clip_std.requires_grad_(False)
-        prior.text_encoder.requires_grad_(False)
-        prior.text_encoder.text_projection.requires_grad_(True)
         trained = prior.train()
     torch.manual_seed(cfg.seed)
     run.say(f"training the {cfg.part}: {sum(p.numel() for p in trained.parameters() if p.requires_grad) / 1e6:.2f}M "
@@ -355,7 +365,11 @@ def main(argv=None) -> None:
     weights = {**run.final_weights(trained, model=raw), **ema.shadow}
     if run.main_process:
         raw.load_state_dict(weights, strict=False)
-        checkpoint.save(model.state_dict(), model.config, run.export)
+        if beside:
+            from ldm.prior import save as save_prior
+            save_prior(raw, run.export)
+        else:
+            checkpoint.save(model.state_dict(), model.config, run.export)
         run.exported(note=json.dumps({"part": cfg.part}))
 
 

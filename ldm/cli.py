@@ -54,11 +54,23 @@ def check_generate_args(args) -> None:
         as_float(args.classifier_scale, "--classifier-scale", 0, hint=" (0 = no classifier guidance)")
     if getattr(args, "classifier", None) and not getattr(args, "classifier_scale", None):
         raise ValueError("--classifier guides only with --classifier-scale S > 0")
+    if getattr(args, "prior", None) is not None and (args.image or args.hires is not None):
+        raise ValueError("--prior draws the image embedding from the PROMPT: no --image (that is --variations), "
+                         "no --hires")
+    if getattr(args, "prior", None) and not Path(args.prior).is_file():
+        raise ValueError(f"--prior {args.prior}: no such file (train one with python train_unclip.py --set part=prior)")
+    if getattr(args, "prior", None) is None and (getattr(args, "prior_steps", None) is not None
+                                                 or getattr(args, "prior_scale", None) is not None):
+        raise ValueError("--prior-steps / --prior-scale set the prior of --prior: add --prior")
+    if getattr(args, "prior_steps", None) is not None:
+        as_int(args.prior_steps, "--prior-steps", 1)
+    if getattr(args, "prior_scale", None) is not None:
+        as_float(args.prior_scale, "--prior-scale", 0, hint=" (1 = no guidance)")
 
 
 def load_pipeline(args):
     """(pipeline, model path) for a drawing command: --model, or the default model (which draws
-    variations too), with the noisy classifier attached for --classifier-scale."""
+    variations too), with the noisy classifier attached for --classifier-scale and the prior for --prior."""
     from .pipeline import DEFAULT_CLASSIFIER, Pipeline, default_model_path
     model = Path(args.model) if args.model else default_model_path()
     classifier = None
@@ -81,7 +93,26 @@ def load_pipeline(args):
     if classifier is not None:
         from .shapes.noisy_classifier import attach
         attach(pipe, classifier)
+    if getattr(args, "prior", None) is not None:
+        attach_prior(pipe, args.prior, bool(args.model))
     return pipe, model
+
+
+def attach_prior(pipe, path: str, other_model: bool) -> None:
+    """--prior [PATH]: a Stable unCLIP model's own prior (no PATH), or a prior file for a text model
+    that draws variations (no PATH: the default model's, beside it in weights/)."""
+    if pipe.config.prior is not None:
+        if path:
+            raise ValueError("--prior PATH: this Stable unCLIP model has its own prior; give --prior alone")
+        return
+    if pipe.config.image_embedding != "context" or pipe.config.text_encoder is None:
+        raise ValueError("--prior: this model has no image adapter for a prior's embedding (the default model and "
+                         "Stable unCLIP models do)")
+    if not path and other_model:
+        raise ValueError("--prior with --model needs a PATH (a prior trained for that model: "
+                         "python train_unclip.py --set part=prior --set model=...)")
+    from .prior import DEFAULT_PRIOR, attach
+    attach(pipe, Path(path) if path else DEFAULT_PRIOR)
 
 
 def read_image(path: str, what: str, mode: str | None = "RGB"):
@@ -213,6 +244,9 @@ def _draw(args, pipe, image, mask, kw):
     kw.update(height=args.height, width=args.width)
     if getattr(args, "classifier_scale", None):       # the server's jobs don't carry it
         kw.update(classifier_scale=args.classifier_scale)
+    if getattr(args, "prior", None) is not None:
+        kw.update(use_prior=pipe.config.prior is None, prior_steps=args.prior_steps,
+                  prior_guidance_scale=args.prior_scale)
     if args.hires is not None:
         return hires(pipe, args.prompt, scale=args.hires, strength=args.hires_strength, **kw)
     return pipe(args.prompt, image=image, mask_image=mask, strength=args.strength, **kw)
@@ -314,6 +348,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="classifier guidance by a noisy classifier toward what the prompt names (default "
                         "model: weights/ldm-default-classifier.safetensors; train_classifier.py)")
     g.add_argument("--classifier", metavar="PATH", help="the noisy classifier for --classifier-scale")
+    g.add_argument("--prior", nargs="?", const="", metavar="PATH",
+                   help="DALL·E 2's text -> prior -> image embedding -> image (default model: "
+                        "weights/ldm-default-prior.safetensors; a Stable unCLIP --model: its own prior)")
+    g.add_argument("--prior-steps", type=int, metavar="N", help="with --prior: the prior's DDPM steps (default 25)")
+    g.add_argument("--prior-scale", type=float, metavar="S", help="with --prior: the prior's CFG scale (default 4.0)")
     g.set_defaults(func=cmd_generate)
 
     u = sub.add_parser("upscale", parents=[common], help="×4 an image with an upscaler model (SD x4)",

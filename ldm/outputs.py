@@ -34,6 +34,8 @@ def png_parameters(info: dict, model_name: str, hash_: str, loras: dict | None =
         lines[-1] += f", Noise level: {info['noise_level']}"
     if info.get("classifier_scale"):
         lines[-1] += f", Classifier scale: {info['classifier_scale']}"
+    if info.get("prior_steps") is not None:      # text -> prior -> image embedding (the DALL·E 2 family)
+        lines[-1] += f", Prior steps: {info['prior_steps']}, Prior scale: {info['prior_guidance_scale']}"
     if info.get("prompt_syntax") == "plain":      # A1111's own output implies its syntax
         lines[-1] += ", Prompt syntax: plain"
     if loras:
@@ -43,7 +45,8 @@ def png_parameters(info: dict, model_name: str, hash_: str, loras: dict | None =
                                         "sampler", "height", "width", "batch_index")}
     fields["guidance_rescale"] = str(info.get("guidance_rescale", 0.0))
     fields["regions"] = json.dumps(info.get("regions", []))
-    for key in ("strength", "steps_run", "noise_level", "hires", "prompt_syntax", "classifier_scale"):
+    for key in ("strength", "steps_run", "noise_level", "hires", "prompt_syntax", "classifier_scale", "prior_steps",
+                "prior_guidance_scale"):
         if info.get(key) is not None:
             fields[key] = str(info[key])
     if loras:

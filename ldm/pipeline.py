@@ -188,7 +188,7 @@ class Pipeline:
                  guidance_rescale: float = 0.0, regions="auto", regions_from_t: int | None = None,
                  guidance: list | tuple = (), image=None, mask_image=None, strength: float | None = None,
                  noise_level: int | None = None, prompt_syntax: str = "plain", prior_steps: int | None = None,
-                 prior_guidance_scale: float | None = None, classifier_scale: float = 0.0):
+                 prior_guidance_scale: float | None = None, classifier_scale: float = 0.0, use_prior: bool = False):
         """Images for `prompt`: `Images` (a list of PIL images whose `.request` records the settings),
         a float array (N, H, W, 3) in [0, 1] ("np"), or latents ("latent"). Defaults (None) come from
         the model's config; karras=None follows the model's scheduler config (its use_karras_sigmas).
@@ -207,7 +207,9 @@ class Pipeline:
         prompt_syntax: "plain" (diffusers') or "a1111" (long prompts, (word:1.3); `encode_prompt`).
         The DALL·E 2 family (ldm/unclip.py): an image-variation model takes image= and no prompt; a Stable
         unCLIP model a prompt and image= (noise_level noises its embedding, default 0), or, with a prior,
-        the prompt alone (prior_steps / prior_guidance_scale: the prior's, default 25 and 4.0).
+        the prompt alone (prior_steps / prior_guidance_scale: the prior's, default 25 and 4.0). A text model
+        that draws variations (an image adapter, as the default model) goes text -> prior -> image
+        embedding -> adapter with use_prior=True and a prior attached (ldm.prior.attach).
         classifier_scale s > 0: classifier guidance by the noisy classifier attached to the pipeline
         (`pipe.classifier`; the default model's: ldm/shapes/noisy_classifier.py), toward what each
         prompt names; guidance_scale=1 isolates it."""
@@ -215,7 +217,7 @@ class Pipeline:
         req = check_request(self, prompt, negative_prompt, steps, guidance_scale, height, width, seed,
                             generator, sampler, eta, karras, num_images_per_prompt, output_type,
                             guidance_rescale, regions, regions_from_t, guidance, image, mask_image, strength,
-                            noise_level, latents, prompt_syntax, prior_steps, prior_guidance_scale)
+                            noise_level, latents, prompt_syntax, prior_steps, prior_guidance_scale, use_prior)
         if classifier_scale:              # one more wrapper, after CFG: ε − s √(1−ᾱ) ∇ log p_φ(y | z_t)
             from dataclasses import replace
             req = replace(req, guidance=req.guidance + (self.classifier.guidance(self, req.prompts, classifier_scale),))

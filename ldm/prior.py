@@ -5,15 +5,23 @@ DDPM with classifier-free guidance against the encoding of "" (with its attentio
 un-normalised by the stored clip_mean/clip_std."""
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+from pathlib import Path
+
 import torch
 from diffusers import PriorTransformer
 from torch import nn
-from transformers import CLIPTextModelWithProjection
 
 from . import text
+from .config import ScheduleConfig, TextEncoderConfig, from_dict
+from .image_config import PriorConfig
+from .pipeline import DEFAULT_MODEL
 from .schedule import alphas_cumprod
 
 PRIOR_STEPS, PRIOR_GUIDANCE_SCALE = 25, 4.0        # diffusers' StableUnCLIPPipeline defaults
+# the default model's prior (train_unclip.py part=prior), beside it in weights/, attached on request
+DEFAULT_PRIOR = DEFAULT_MODEL.with_name("ldm-default-prior.safetensors")
 
 
 def prior_transformer(p) -> PriorTransformer:
@@ -23,23 +31,44 @@ def prior_transformer(p) -> PriorTransformer:
 
 
 class DiffusionPrior(nn.Module):
-    """`transformer` (diffusers' PriorTransformer) and `text_encoder` (CLIPTextModelWithProjection)."""
+    """`transformer` (diffusers' PriorTransformer) and its text encoder: a CLIPTextModelWithProjection of
+    its own (`text_encoder`, Karlo's), or, with `shared_text`, the decoder's own text encoder read
+    through a learned `text_projection` of its pooled (end-token) state (the default model's prior:
+    DEFAULT_PRIOR, a file beside the model, `attach`)."""
 
-    def __init__(self, cfg):
+    def __init__(self, prior: PriorConfig, schedule: ScheduleConfig, text_cfg: TextEncoderConfig,
+                 shared_text: nn.Module | None = None):
         super().__init__()
-        self.config, self.text_cfg, self.schedule = cfg.prior, cfg.prior_text_encoder, cfg.prior_schedule
-        self.transformer = prior_transformer(cfg.prior)
-        self.text_encoder = CLIPTextModelWithProjection(text.hf_config_of(self.text_cfg))
-        self.tokenizer = text.Tokenizer(self.text_cfg.max_length, self.text_cfg.pad_with)
+        self.config, self.text_cfg, self.schedule = prior, text_cfg, schedule
+        self.transformer = prior_transformer(prior)
+        self.tokenizer = text.Tokenizer(text_cfg.max_length, text_cfg.pad_with)
+        if shared_text is None:
+            from transformers import CLIPTextModelWithProjection
+            self.text_encoder = CLIPTextModelWithProjection(text.hf_config_of(text_cfg))
+        else:
+            if text_cfg.hidden_size != prior.embedding_dim or text_cfg.max_length != prior.num_embeddings:
+                raise ValueError(f"a prior on the decoder's text encoder needs embedding_dim = its hidden_size "
+                                 f"({text_cfg.hidden_size}) and num_embeddings = its max_length ({text_cfg.max_length})")
+            self.shared_text = [shared_text]           # a list: not a submodule, so not in this state dict
+            self.text_projection = nn.Linear(text_cfg.hidden_size, prior.embedding_dim, bias=False)
+
+    @classmethod
+    def of_model(cls, cfg) -> "DiffusionPrior":
+        """The prior of an LDMConfig with prior / prior_text_encoder / prior_schedule (Stable unCLIP)."""
+        return cls(cfg.prior, cfg.prior_schedule, cfg.prior_text_encoder)
 
     def encode(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(text embeds (B, D), hidden states (B, L, D), attention mask (B, L) bool: start, words, end)."""
-        ids = self.tokenizer(prompts)                                                   # (B, L)
+        ids = self.tokenizer(prompts).to(device)                                        # (B, L)
         L = ids.shape[1]
         lengths = torch.tensor([min(len(self.tokenizer.encode(p)) + 2, L) for p in prompts])
-        mask = torch.arange(L)[None] < lengths[:, None]
-        out = self.text_encoder(ids.to(device))
-        return out.text_embeds, out.last_hidden_state, mask.to(device)
+        mask = (torch.arange(L)[None] < lengths[:, None]).to(device)
+        if not hasattr(self, "shared_text"):
+            out = self.text_encoder(ids)
+            return out.text_embeds, out.last_hidden_state, mask
+        hidden = self.shared_text[0](ids).to(self.text_projection.weight.dtype)        # (B, L, D)
+        pooled = hidden[torch.arange(len(ids), device=ids.device), lengths.to(ids.device) - 1]   # the end token
+        return self.text_projection(pooled), hidden, mask
 
     def _ddpm_step(self, x0: torch.Tensor, x: torch.Tensor, t: int, prev: int, ac: torch.Tensor, generator):
         """DDPMScheduler.step for prediction_type "sample": x0 clipped, the posterior mean, then (t > 0)
@@ -84,3 +113,45 @@ class DiffusionPrior(nn.Module):
                 out = uncond + guidance_scale * (cond - uncond)
             x = self._ddpm_step(out, x, t, t - ratio, ac, generator)
         return self.transformer.post_process_latents(x)
+
+
+# -- a prior beside a text-to-image model with an image adapter (the default model's) ----------------
+
+def save(prior: DiffusionPrior, path, state_dict: dict | None = None) -> Path:
+    """A shared-text prior as one safetensors file: its transformer, text projection and clip_mean/std,
+    with its configs (and the text encoder's it reads, checked by `attach`) in the metadata."""
+    from .formats.files import write_safetensors
+    sd = {k: v.detach().contiguous().cpu() for k, v in (state_dict or prior.state_dict()).items()}
+    meta = {"prior": asdict(prior.config), "schedule": asdict(prior.schedule), "text_encoder": asdict(prior.text_cfg)}
+    write_safetensors(sd, path, {"ldm_prior_config": json.dumps(meta)})
+    return Path(path)
+
+
+def load(path, text_encoder: nn.Module, text_cfg: TextEncoderConfig) -> DiffusionPrior:
+    """The prior file at `path` on `text_encoder` (the decoder's, whose config must be the one it was trained on)."""
+    from .formats.files import read_tagged
+    tensors, raw = read_tagged(path, "ldm_prior_config", "prior",
+                               "train one with `python train_unclip.py --set part=prior`")
+    if from_dict(TextEncoderConfig, raw["text_encoder"]) != text_cfg:
+        raise ValueError(f"{path}: this prior reads another text encoder than the model's: it was trained for "
+                         f"another model")
+    prior = DiffusionPrior(from_dict(PriorConfig, raw["prior"]), from_dict(ScheduleConfig, raw["schedule"]),
+                           text_cfg, shared_text=text_encoder)
+    prior.load_state_dict(tensors, strict=True)
+    return prior.eval().requires_grad_(False)
+
+
+def attach(pipe, prior: DiffusionPrior | str | Path) -> DiffusionPrior:
+    """Give a text-to-image model that draws variations (an image adapter) a prior, for
+    `pipe(prompt, use_prior=True)`: text -> prior -> CLIP image embedding -> adapter -> context."""
+    cfg = pipe.config
+    if cfg.image_embedding != "context" or cfg.image_adapter is None or cfg.text_encoder is None:
+        raise ValueError("a prior attaches to a text-to-image model with an image adapter (one that draws "
+                         "variations, as the default model); a Stable unCLIP model carries its prior inside")
+    if not isinstance(prior, DiffusionPrior):
+        prior = load(prior, pipe.model.cond_stage_model, cfg.text_encoder)
+    if prior.config.embedding_dim != cfg.image_encoder.projection_dim:
+        raise ValueError(f"the prior draws {prior.config.embedding_dim}-d embeddings, the model's adapter reads "
+                         f"{cfg.image_encoder.projection_dim}-d ones: it was trained for another model")
+    pipe.prior = prior.to(pipe.device).eval().requires_grad_(False)
+    return pipe.prior

@@ -50,6 +50,7 @@ class Request:
     embedding_images: list | None = None  # the DALL·E 2 family: the PIL images whose CLIP embedding conditions
     prior_steps: int | None = None        # unCLIP from text: the prior's DDPM steps and guidance (ldm/prior.py)
     prior_guidance_scale: float | None = None
+    use_prior: bool = False               # text -> prior -> embedding on a text model with an image adapter
 
     @property
     def inpainting(self) -> bool:
@@ -62,7 +63,8 @@ class Request:
                     sampler=self.sampler_name, seed=self.seed, height=self.height, width=self.width,
                     batch_index=i, regions=[[r.prompt, list(r.box)] for r in self.regions[i]],
                     strength=self.strength, steps_run=self.steps_run, inpainting=self.inpainting,
-                    noise_level=self.noise_level, prompt_syntax=self.prompt_syntax)
+                    noise_level=self.noise_level, prompt_syntax=self.prompt_syntax,
+                    prior_steps=self.prior_steps, prior_guidance_scale=self.prior_guidance_scale)
 
 
 class Images(list):
@@ -88,7 +90,7 @@ def check_request(pipe, prompt, negative_prompt, steps, guidance_scale, height, 
                   sampler, eta, karras, num_images_per_prompt, output_type, guidance_rescale, regions,
                   regions_from_t, guidance, image=None, mask_image=None, strength=None,
                   noise_level=None, latents=None, prompt_syntax="plain", prior_steps=None,
-                  prior_guidance_scale=None) -> Request:
+                  prior_guidance_scale=None, use_prior=False) -> Request:
     """Every argument of Pipeline.__call__ checked once, in order, with a message that says what to
     do; None takes the model's default. Nothing here touches a network."""
     cfg = pipe.config
@@ -96,13 +98,22 @@ def check_request(pipe, prompt, negative_prompt, steps, guidance_scale, height, 
     # a text-to-image model that also draws variations (an image adapter beside its text encoder) takes
     # the embedding path only for image= without a prompt
     text_too = cfg.image_embedding == "context" and cfg.text_encoder is not None
-    if cfg.image_embedding is not None and not (text_too and (prompt is not None or image is None)):
-        # image variations / Stable unCLIP: image= is the embedding's source
+    if not isinstance(use_prior, bool):
+        raise TypeError(f"use_prior must be True or False, got {use_prior!r}")
+    if use_prior and cfg.prior is None and not (text_too and getattr(pipe, "prior", None) is not None):
+        raise ValueError("use_prior=True draws the image embedding from the text by a prior, and this model has "
+                         "none: " + ("attach one first (ldm.prior.attach(pipe, ldm.prior.DEFAULT_PRIOR) for the "
+                                     "default model)" if text_too else "it belongs to Stable unCLIP models and to "
+                                     "text-to-image models with an image adapter"))
+    if cfg.image_embedding is not None and (use_prior or not (text_too and (prompt is not None or image is None))):
+        # image variations / Stable unCLIP: image= is the embedding's source, or the prior draws it
         prompt, embedding = check_embedding_inputs(cfg, prompt, image, mask_image, strength, noise_level,
-                                                   prior_steps, prior_guidance_scale)
+                                                   prior_steps, prior_guidance_scale, use_prior)
         image = mask_image = strength = noise_level = None
+        regions = None if isinstance(regions, str) and regions == "auto" else regions   # (no layout plan)
     elif prior_steps is not None or prior_guidance_scale is not None:
-        raise ValueError("prior_steps / prior_guidance_scale apply to a Stable unCLIP model with a prior; this has none")
+        raise ValueError("prior_steps / prior_guidance_scale apply with a prior (use_prior=True, or a Stable "
+                         "unCLIP model with one); this call has none")
     prompts = as_prompts(prompt, "prompt")
     negatives = _negatives(negative_prompt, len(prompts))
     check_syntax(prompt_syntax, cfg.text_encoder)

@@ -74,7 +74,7 @@ def build_parts(model: nn.Module, cfg) -> None:
         model.noise_augmentor = NoiseAugmentor(cfg.unet.adm_in_channels // 2)
     if cfg.prior is not None:
         from .prior import DiffusionPrior
-        model.prior = DiffusionPrior(cfg)
+        model.prior = DiffusionPrior.of_model(cfg)
 
 
 def image_embeddings(pipe, images) -> torch.Tensor:
@@ -89,13 +89,14 @@ def embedding_condition(pipe, req, generator: torch.Generator) -> Condition | No
     to image embedding), then the embedding noise (unclip; even at noise_level 0). Rows: one per
     image (req.prompts), source image i ↔ prompt i. None for a model without image embeddings."""
     kind, n = pipe.config.image_embedding, len(req.prompts)
-    if kind is None or kind == "context" and req.embedding_images is None:   # (the text path of a model with both)
-        return None
+    if kind is None or kind == "context" and req.embedding_images is None and not req.use_prior:
+        return None                                                      # (the text path of a model with both)
     if req.embedding_images is not None:
         embeds = image_embeddings(pipe, req.embedding_images)                        # (P, D)
     else:                                                                            # text -> prior
-        embeds = pipe.model.prior.sample(req.prompts, req.prior_steps, req.prior_guidance_scale, generator,
-                                         pipe.device).to(pipe.dtype)                 # (N, D)
+        prior = pipe.prior if req.use_prior else pipe.model.prior                    # attached, or the model's
+        embeds = prior.sample(req.prompts, req.prior_steps, req.prior_guidance_scale, generator,
+                              pipe.device).to(pipe.dtype)                            # (N, D)
     if kind == "context":
         per_row = embeds.repeat_interleave(n // len(embeds), 0)                          # (N, D)
         adapter = getattr(pipe.model, "image_adapter", None)
@@ -118,22 +119,31 @@ def class_vector_unet(unet, dtype, vector: torch.Tensor):
 
 
 def check_embedding_inputs(cfg, prompt, image, mask_image, strength, noise_level, prior_steps,
-                           prior_guidance_scale) -> tuple:
+                           prior_guidance_scale, use_prior: bool = False) -> tuple:
     """(prompt, the Request fields of the embedding) for a model with image_embedding, checked before
     any work. Variations: image= is required and prompt is not taken (there is no text encoder, or, for
     a text model with an image adapter, a prompt means its text path, checked before this; each image
     gets "" as its record's prompt). unCLIP: a prompt (or none with image=: "" per image, as
     diffusers), and image= or a prior (text -> image embedding); noise_level in [0, T) of the
-    embedding's noising schedule (default 0, as diffusers)."""
-    from .checks import as_float, as_int
+    embedding's noising schedule (default 0, as diffusers). use_prior (a text model with an image adapter
+    and an attached prior, or unCLIP): the prompt alone, the prior draws the embedding."""
+    from .checks import as_int
     from .image_encoder import as_rgb_images
-    from .prior import PRIOR_GUIDANCE_SCALE, PRIOR_STEPS
     kind = cfg.image_embedding
     given = [n for n, v in (("mask_image", mask_image), ("strength", strength)) if v is not None]
     if given:
         raise ValueError(f"{given[0]} is not taken by an image-embedding model (image variations / unCLIP): "
                          f"image= is the picture whose CLIP embedding conditions the drawing")
+    if use_prior and image is not None:
+        raise ValueError("use_prior=True draws the image embedding from the prompt: leave image= out "
+                         "(or use_prior out, to vary the image)")
     images = None if image is None else as_rgb_images(image)
+    if kind == "context" and use_prior:
+        if noise_level is not None:
+            raise ValueError("noise_level applies to Stable unCLIP models, not to a prior feeding an image adapter")
+        if prompt is None:
+            raise ValueError("use_prior=True draws from a prompt: give one")
+        return prompt, dict(**_prior_settings(cfg.prior_schedule, prior_steps, prior_guidance_scale), use_prior=True)
     if kind == "context":
         if images is None:
             raise ValueError("this is an image-variation model: pass image= (a PIL RGB image or a list of them)")
@@ -159,9 +169,16 @@ def check_embedding_inputs(cfg, prompt, image, mask_image, strength, noise_level
     if images is not None and (prior_steps is not None or prior_guidance_scale is not None):
         raise ValueError("prior_steps / prior_guidance_scale apply when the prior draws the embedding from "
                          "the text: leave them out with image=")
+    prior = _prior_settings(cfg.prior_schedule, prior_steps, prior_guidance_scale) if images is None else {}
+    return prompt, dict(embedding_images=images, noise_level=level, **prior)
+
+
+def _prior_settings(schedule, prior_steps, prior_guidance_scale) -> dict:
+    """prior_steps / prior_guidance_scale checked, defaulting to diffusers' (25, 4.0)."""
+    from .checks import as_float, as_int
+    from .prior import PRIOR_GUIDANCE_SCALE, PRIOR_STEPS
     steps = as_int(PRIOR_STEPS if prior_steps is None else prior_steps, "prior_steps", 1,
-                   cfg.prior_schedule.num_train_timesteps if cfg.prior_schedule else 1000)
+                   schedule.num_train_timesteps if schedule else 1000)
     scale = as_float(PRIOR_GUIDANCE_SCALE if prior_guidance_scale is None else prior_guidance_scale,
                      "prior_guidance_scale", 0, hint=" (1 = no guidance)")
-    prior = dict(prior_steps=steps, prior_guidance_scale=scale) if images is None else {}
-    return prompt, dict(embedding_images=images, noise_level=level, **prior)
+    return dict(prior_steps=steps, prior_guidance_scale=scale)

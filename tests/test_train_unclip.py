@@ -90,9 +90,24 @@ def test_decoder_then_prior_then_resume_onto_another_decoder(clip_file, scene, t
     assert max(steps) == 2
 
 
-def test_prior_part_needs_a_decoder(tmp_path):
-    with pytest.raises(ValueError, match="pass --set decoder=PATH"):
-        train_unclip.main(["--set", "part=prior", "--set", f"out_dir={tmp_path}"])
+def test_prior_part_beside_the_default_model_and_refused_for_a_plain_model(tmp_path):
+    """part=prior without a decoder: a prior file for the default model, on its own text encoder."""
+    from ldm import prior as text_prior
+    out = tmp_path / "prior"
+    train_unclip.main(["--set", "part=prior", "--set", f"out_dir={out}", "--set", "max_steps=2", "--set",
+                       "text_drop=0.1", *TINY])
+    pipe = Pipeline.from_pretrained(None)
+    prior = text_prior.attach(pipe, out / "prior.safetensors")
+    assert prior.text_projection.weight.abs().sum() > 0 and prior.transformer.clip_std.min() > 0
+    images = pipe(["a red circle", "two blue squares"], use_prior=True, prior_steps=3, steps=2, seed=0)
+    assert len(images) == 2 and images.request.prior_steps == 3
+    plain = tmp_path / "plain.safetensors"
+    from ldm import checkpoint
+    from ldm.presets import tiny
+    from tiny_models import random_model
+    checkpoint.save(random_model(tiny()).state_dict(), tiny(), plain)
+    with pytest.raises(ValueError, match="part=prior needs a Stable unCLIP decoder"):
+        train_unclip.main(["--set", "part=prior", "--set", f"model={plain}", "--set", f"out_dir={tmp_path}"])
     with pytest.raises(ValueError, match="part must be"):
         train_unclip.main(["--set", "part=both", "--set", f"out_dir={tmp_path}"])
 
@@ -134,13 +149,14 @@ def test_adapter_fit_folds_its_standardisation_into_plain_layers():
     """fit_to_captions trains on standardised inputs and targets, then folds both into the first and last
     layers: the adapter alone maps raw embeddings to raw contexts."""
     from ldm.config import LDMConfig
+    from ldm.image_config import ImageAdapterConfig, ImageEncoderConfig
     from ldm.unclip import ImageAdapter
     from tiny_models import tiny_sd1
     cfg = tiny_sd1()
-    cfg = LDMConfig(**{**cfg.__dict__, "image_embedding": "context", "image_adapter": train_unclip.ImageAdapterConfig(3, 64),
-                       "image_encoder": train_unclip.ImageEncoderConfig(hidden_size=32, num_layers=1, num_heads=2,
-                                                                        intermediate_size=64, image_size=32, patch_size=8,
-                                                                        projection_dim=8)})
+    cfg = LDMConfig(**{**cfg.__dict__, "image_embedding": "context", "image_adapter": ImageAdapterConfig(3, 64),
+                       "image_encoder": ImageEncoderConfig(hidden_size=32, num_layers=1, num_heads=2,
+                                                           intermediate_size=64, image_size=32, patch_size=8,
+                                                           projection_dim=8)})
     g = torch.Generator().manual_seed(0)
     embeds = 5 + 3 * torch.randn(512, 8, generator=g)                       # far from standard
     w = torch.randn(8, 3 * cfg.unet.context_dim, generator=g)

@@ -32,6 +32,18 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
                          f"Re-download or re-export it.") from e
 
 
+def read_tagged(path: str | Path, key: str, what: str, how: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, the JSON under metadata[key]) of one of our side files (a classifier, a prior): a
+    ValueError naming `what` it should be and `how` to make one when the file is missing or isn't one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such {what} file ({how})")
+    tensors, meta = read_safetensors(path)
+    if key not in meta:
+        raise ValueError(f"{path}: not a {what} file (no {key} in its metadata)")
+    return tensors, json.loads(meta[key])
+
+
 def read_state_dict(path: str | Path, allow_pickle: bool = False) -> tuple[dict, dict]:
     """(state_dict, metadata) of a .safetensors file, or of a pickle file when allowed."""
     path = Path(path)

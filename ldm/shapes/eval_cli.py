@@ -34,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", help="with --model: sampler (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="with --model: image i uses seed + i")
     parser.add_argument("--batch", type=int, default=8, help="with --model: images per forward")
+    parser.add_argument("--prior", metavar="PATH", nargs="?", const="",
+                        help="with --model: draw through the prior (text -> image embedding -> image; no PATH: "
+                             "the default model's prior file)")
+    parser.add_argument("--prior-scale", type=float, help="with --prior: the prior's guidance scale (default 4.0)")
     parser.add_argument("--no-regions", action="store_true",
                         help="with --model: no layout plan (the network alone; see ldm/regions.py)")
 
@@ -52,13 +56,18 @@ def generate(args) -> tuple[list[Image.Image], list[str]]:
 
     from ldm.pipeline import Pipeline
     pipe = Pipeline.from_pretrained(args.model or None)
+    kw = dict(regions=None if args.no_regions else "auto")
+    if getattr(args, "prior", None) is not None:
+        from ldm.cli import attach_prior
+        attach_prior(pipe, args.prior, bool(args.model))
+        kw = dict(use_prior=True, prior_guidance_scale=args.prior_scale)
     prompts = load_prompts(args.prompts)[: args.limit]
     images = []
     for i in tqdm(range(0, len(prompts), args.batch), desc="generating", unit="batch"):
         chunk = prompts[i:i + args.batch]
         latents = seeded_latents(pipe.config, range(args.seed + i, args.seed + i + len(chunk)))
         images += pipe(chunk, steps=args.steps, guidance_scale=args.scale, sampler=args.sampler, latents=latents,
-                       regions=None if args.no_regions else "auto")
+                       seed=args.seed + i, **kw)       # (the seed draws only what the latents don't: the prior's)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -103,19 +103,12 @@ def save(classifier: NoisyClassifier, path, state_dict: dict | None = None) -> P
 
 
 def load(path, device="cpu") -> NoisyClassifier:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such classifier file (train one with train_classifier.py)")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if "ldm_classifier_config" not in meta:
-        raise ValueError(f"{path}: not a noisy-classifier file (no ldm_classifier_config in its metadata)")
-    raw = json.loads(meta["ldm_classifier_config"])
+    from ..formats.files import read_tagged
+    tensors, raw = read_tagged(path, "ldm_classifier_config", "classifier",
+                               "train one with train_classifier.py")
     config = ClassifierConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
     classifier = NoisyClassifier(config)
-    classifier.load_state_dict(load_file(str(path)), strict=True)
+    classifier.load_state_dict(tensors, strict=True)
     return classifier.to(device).eval().requires_grad_(False)
 
 
