@@ -111,7 +111,8 @@ def attach_prior(pipe, path: str, other_model: bool) -> None:
     if not path and other_model:
         raise ValueError("--prior with --model needs a PATH (a prior trained for that model: "
                          "python train_unclip.py --set part=prior --set model=...)")
-    from .prior import DEFAULT_PRIOR, attach
+    from .pipeline import DEFAULT_PRIOR
+    from .prior import attach
     attach(pipe, Path(path) if path else DEFAULT_PRIOR)
 
 

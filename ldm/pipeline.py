@@ -26,6 +26,8 @@ from .unclip import Condition, class_vector_unet, embedding_condition, image_emb
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "ldm-default.safetensors"
 # the default model's noisy classifier (classifier guidance; train_classifier.py), beside it in weights/
 DEFAULT_CLASSIFIER = DEFAULT_MODEL.with_name("ldm-default-classifier.safetensors")
+# and its prior (text -> CLIP image embedding; train_unclip.py part=prior), for use_prior=True (ldm/prior.py attach)
+DEFAULT_PRIOR = DEFAULT_MODEL.with_name("ldm-default-prior.safetensors")
 
 
 def default_model_path() -> Path:

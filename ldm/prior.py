@@ -16,12 +16,9 @@ from torch import nn
 from . import text
 from .config import ScheduleConfig, TextEncoderConfig, from_dict
 from .image_config import PriorConfig
-from .pipeline import DEFAULT_MODEL
 from .schedule import alphas_cumprod
 
 PRIOR_STEPS, PRIOR_GUIDANCE_SCALE = 25, 4.0        # diffusers' StableUnCLIPPipeline defaults
-# the default model's prior (train_unclip.py part=prior), beside it in weights/, attached on request
-DEFAULT_PRIOR = DEFAULT_MODEL.with_name("ldm-default-prior.safetensors")
 
 
 def prior_transformer(p) -> PriorTransformer:
@@ -34,7 +31,7 @@ class DiffusionPrior(nn.Module):
     """`transformer` (diffusers' PriorTransformer) and its text encoder: a CLIPTextModelWithProjection of
     its own (`text_encoder`, Karlo's), or, with `shared_text`, the decoder's own text encoder read
     through a learned `text_projection` of its pooled (end-token) state (the default model's prior:
-    DEFAULT_PRIOR, a file beside the model, `attach`)."""
+    ldm.pipeline.DEFAULT_PRIOR, a file beside the model, `attach`)."""
 
     def __init__(self, prior: PriorConfig, schedule: ScheduleConfig, text_cfg: TextEncoderConfig,
                  shared_text: nn.Module | None = None):

@@ -102,7 +102,7 @@ def check_request(pipe, prompt, negative_prompt, steps, guidance_scale, height, 
         raise TypeError(f"use_prior must be True or False, got {use_prior!r}")
     if use_prior and cfg.prior is None and not (text_too and getattr(pipe, "prior", None) is not None):
         raise ValueError("use_prior=True draws the image embedding from the text by a prior, and this model has "
-                         "none: " + ("attach one first (ldm.prior.attach(pipe, ldm.prior.DEFAULT_PRIOR) for the "
+                         "none: " + ("attach one first (ldm.prior.attach(pipe, ldm.pipeline.DEFAULT_PRIOR) for the "
                                      "default model)" if text_too else "it belongs to Stable unCLIP models and to "
                                      "text-to-image models with an image adapter"))
     if cfg.image_embedding is not None and (use_prior or not (text_too and (prompt is not None or image is None))):

@@ -190,7 +190,8 @@ def test_the_default_model_ships_a_prior_that_finds_the_prompt_scene():
     from ldm.shapes.eval_cli import PROMPTS as EVAL_PROMPTS
     from ldm.shapes.scenes import render, scene_from_prompt
     pipe = Pipeline.from_pretrained(None)
-    prior = text_prior.attach(pipe, text_prior.DEFAULT_PRIOR)
+    from ldm.pipeline import DEFAULT_PRIOR
+    prior = text_prior.attach(pipe, DEFAULT_PRIOR)
     prompts = load_prompts(EVAL_PROMPTS)[::10][:25]
     scenes = pipe.encode_image_embedding([render(scene_from_prompt(p, seed=i), 64) for i, p in enumerate(prompts)])
     drawn = prior.sample(prompts, 25, 4.0, torch.Generator().manual_seed(0), "cpu")
