@@ -105,14 +105,12 @@ def attach_prior(pipe, path: str, other_model: bool) -> None:
         if path:
             raise ValueError("--prior PATH: this Stable unCLIP model has its own prior; give --prior alone")
         return
-    if pipe.config.image_embedding != "context" or pipe.config.text_encoder is None:
-        raise ValueError("--prior: this model has no image adapter for a prior's embedding (the default model and "
-                         "Stable unCLIP models do)")
+    from .pipeline import DEFAULT_PRIOR
+    from .prior import attach, check_takes_a_prior
+    check_takes_a_prior(pipe.config)
     if not path and other_model:
         raise ValueError("--prior with --model needs a PATH (a prior trained for that model: "
                          "python train_unclip.py --set part=prior --set model=...)")
-    from .pipeline import DEFAULT_PRIOR
-    from .prior import attach
     attach(pipe, Path(path) if path else DEFAULT_PRIOR)
 
 
@@ -246,7 +244,7 @@ def _draw(args, pipe, image, mask, kw):
     if getattr(args, "classifier_scale", None):       # the server's jobs don't carry it
         kw.update(classifier_scale=args.classifier_scale)
     if getattr(args, "prior", None) is not None:
-        kw.update(use_prior=pipe.config.prior is None, prior_steps=args.prior_steps,
+        kw.update(use_prior=True, prior_steps=args.prior_steps,
                   prior_guidance_scale=args.prior_scale)
     if args.hires is not None:
         return hires(pipe, args.prompt, scale=args.hires, strength=args.hires_strength, **kw)

@@ -138,13 +138,18 @@ def load(path, text_encoder: nn.Module, text_cfg: TextEncoderConfig) -> Diffusio
     return prior.eval().requires_grad_(False)
 
 
+def check_takes_a_prior(cfg) -> None:
+    """A prior file attaches only to a text-to-image model with an image adapter."""
+    if cfg.image_embedding != "context" or cfg.image_adapter is None or cfg.text_encoder is None:
+        raise ValueError("a prior attaches to a text-to-image model with an image adapter (one that draws "
+                         "variations, as the default model); a Stable unCLIP model carries its prior inside")
+
+
 def attach(pipe, prior: DiffusionPrior | str | Path) -> DiffusionPrior:
     """Give a text-to-image model that draws variations (an image adapter) a prior, for
     `pipe(prompt, use_prior=True)`: text -> prior -> CLIP image embedding -> adapter -> context."""
     cfg = pipe.config
-    if cfg.image_embedding != "context" or cfg.image_adapter is None or cfg.text_encoder is None:
-        raise ValueError("a prior attaches to a text-to-image model with an image adapter (one that draws "
-                         "variations, as the default model); a Stable unCLIP model carries its prior inside")
+    check_takes_a_prior(cfg)
     if not isinstance(prior, DiffusionPrior):
         prior = load(prior, pipe.model.cond_stage_model, cfg.text_encoder)
     if prior.config.embedding_dim != cfg.image_encoder.projection_dim:

@@ -107,8 +107,10 @@ def check_request(pipe, prompt, negative_prompt, steps, guidance_scale, height, 
                                      "text-to-image models with an image adapter"))
     if cfg.image_embedding is not None and (use_prior or not (text_too and (prompt is not None or image is None))):
         # image variations / Stable unCLIP: image= is the embedding's source, or the prior draws it
+        attached = getattr(pipe, "prior", None) if use_prior and text_too else None
         prompt, embedding = check_embedding_inputs(cfg, prompt, image, mask_image, strength, noise_level,
-                                                   prior_steps, prior_guidance_scale, use_prior)
+                                                   prior_steps, prior_guidance_scale, use_prior,
+                                                   attached.schedule if attached is not None else None)
         image = mask_image = strength = noise_level = None
         regions = None if isinstance(regions, str) and regions == "auto" else regions   # (no layout plan)
     elif prior_steps is not None or prior_guidance_scale is not None:

@@ -119,14 +119,15 @@ def class_vector_unet(unet, dtype, vector: torch.Tensor):
 
 
 def check_embedding_inputs(cfg, prompt, image, mask_image, strength, noise_level, prior_steps,
-                           prior_guidance_scale, use_prior: bool = False) -> tuple:
+                           prior_guidance_scale, use_prior: bool = False, prior_schedule=None) -> tuple:
     """(prompt, the Request fields of the embedding) for a model with image_embedding, checked before
     any work. Variations: image= is required and prompt is not taken (there is no text encoder, or, for
     a text model with an image adapter, a prompt means its text path, checked before this; each image
     gets "" as its record's prompt). unCLIP: a prompt (or none with image=: "" per image, as
     diffusers), and image= or a prior (text -> image embedding); noise_level in [0, T) of the
     embedding's noising schedule (default 0, as diffusers). use_prior (a text model with an image adapter
-    and an attached prior, or unCLIP): the prompt alone, the prior draws the embedding."""
+    and an attached prior, whose `prior_schedule` bounds prior_steps; or unCLIP): the prompt alone, the
+    prior draws the embedding."""
     from .checks import as_int
     from .image_encoder import as_rgb_images
     kind = cfg.image_embedding
@@ -143,7 +144,7 @@ def check_embedding_inputs(cfg, prompt, image, mask_image, strength, noise_level
             raise ValueError("noise_level applies to Stable unCLIP models, not to a prior feeding an image adapter")
         if prompt is None:
             raise ValueError("use_prior=True draws from a prompt: give one")
-        return prompt, dict(**_prior_settings(cfg.prior_schedule, prior_steps, prior_guidance_scale), use_prior=True)
+        return prompt, dict(**_prior_settings(prior_schedule, prior_steps, prior_guidance_scale), use_prior=True)
     if kind == "context":
         if images is None:
             raise ValueError("this is an image-variation model: pass image= (a PIL RGB image or a list of them)")
@@ -174,11 +175,11 @@ def check_embedding_inputs(cfg, prompt, image, mask_image, strength, noise_level
 
 
 def _prior_settings(schedule, prior_steps, prior_guidance_scale) -> dict:
-    """prior_steps / prior_guidance_scale checked, defaulting to diffusers' (25, 4.0)."""
+    """prior_steps (at most the prior schedule's timesteps) / prior_guidance_scale checked, defaulting to
+    diffusers' (25, 4.0)."""
     from .checks import as_float, as_int
     from .prior import PRIOR_GUIDANCE_SCALE, PRIOR_STEPS
-    steps = as_int(PRIOR_STEPS if prior_steps is None else prior_steps, "prior_steps", 1,
-                   schedule.num_train_timesteps if schedule else 1000)
+    steps = as_int(PRIOR_STEPS if prior_steps is None else prior_steps, "prior_steps", 1, schedule.num_train_timesteps)
     scale = as_float(PRIOR_GUIDANCE_SCALE if prior_guidance_scale is None else prior_guidance_scale,
                      "prior_guidance_scale", 0, hint=" (1 = no guidance)")
     return dict(prior_steps=steps, prior_guidance_scale=scale)
