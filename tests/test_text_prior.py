@@ -201,3 +201,20 @@ def test_the_default_model_ships_a_prior_that_finds_the_prompt_scene():
     assert cos.diag().mean() > 0.7 and off < 0.2
     image = pipe("a red star", use_prior=True, steps=5, seed=0)[0]
     assert image.size == (512, 512)
+
+
+def test_prior_steps_are_bounded_by_the_attached_prior_schedule(pipe):
+    T = pipe.prior.schedule.num_train_timesteps
+    with pytest.raises(ValueError, match="prior_steps"):
+        pipe("a red circle", use_prior=True, prior_steps=T + 1, steps=2)
+
+
+def test_cli_prior_scale_is_prior_guidance_scale(files, pipe, tmp_path):
+    out = tmp_path / "scale.png"
+    assert cli(["generate", "a red circle", "--model", str(files / "model.safetensors"), "--prior",
+                str(files / "prior.safetensors"), "--prior-scale", "2.5", "--steps", "2", "--seed", "3",
+                "-o", str(out), "-q"]) == 0
+    ref = pipe("a red circle", use_prior=True, prior_guidance_scale=2.5, steps=2, seed=3, prompt_syntax="a1111")
+    png = Image.open(out)
+    assert np.array_equal(np.asarray(png), np.asarray(ref[0]))
+    assert "Prior steps: 25, Prior scale: 2.5" in png.text["parameters"]
