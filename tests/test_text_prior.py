@@ -135,14 +135,21 @@ def test_a_prior_attaches_only_where_it_fits(files):
         text_prior.attach(bare, files / "missing.safetensors")
 
 
-def test_cli_prior_draws_the_python_call_and_records_it(files, pipe, tmp_path, capsys):
-    out = tmp_path / "prior.png"
+def cli_against_python(files, pipe, out, flags: list[str], **kw) -> Image.Image:
+    """`ldm generate "a red circle" --prior ... FLAGS` next to pipe(..., use_prior=True, **kw): the same
+    pixels; the PNG is returned for its records."""
     assert cli(["generate", "a red circle", "--model", str(files / "model.safetensors"), "--prior",
-                str(files / "prior.safetensors"), "--prior-steps", "4", "--steps", "3", "--seed", "7",
-                "-o", str(out), "-q"]) == 0
-    ref = pipe("a red circle", use_prior=True, prior_steps=4, steps=3, seed=7, prompt_syntax="a1111")
+                str(files / "prior.safetensors"), *flags, "-o", str(out), "-q"]) == 0
+    ref = pipe("a red circle", use_prior=True, prompt_syntax="a1111", **kw)
     png = Image.open(out)
     assert np.array_equal(np.asarray(png), np.asarray(ref[0]))
+    return png
+
+
+def test_cli_prior_draws_the_python_call_and_records_it(files, pipe, tmp_path, capsys):
+    out = tmp_path / "prior.png"
+    png = cli_against_python(files, pipe, out, ["--prior-steps", "4", "--steps", "3", "--seed", "7"],
+                             prior_steps=4, steps=3, seed=7)
     assert "Prior steps: 4, Prior scale: 4.0" in png.text["parameters"]
     assert png.text["prior_steps"] == "4" and png.text["prior_guidance_scale"] == "4.0"
     model = ["--model", str(files / "model.safetensors"), "-o", str(tmp_path / "x.png"), "-q"]
@@ -210,11 +217,6 @@ def test_prior_steps_are_bounded_by_the_attached_prior_schedule(pipe):
 
 
 def test_cli_prior_scale_is_prior_guidance_scale(files, pipe, tmp_path):
-    out = tmp_path / "scale.png"
-    assert cli(["generate", "a red circle", "--model", str(files / "model.safetensors"), "--prior",
-                str(files / "prior.safetensors"), "--prior-scale", "2.5", "--steps", "2", "--seed", "3",
-                "-o", str(out), "-q"]) == 0
-    ref = pipe("a red circle", use_prior=True, prior_guidance_scale=2.5, steps=2, seed=3, prompt_syntax="a1111")
-    png = Image.open(out)
-    assert np.array_equal(np.asarray(png), np.asarray(ref[0]))
+    png = cli_against_python(files, pipe, tmp_path / "scale.png", ["--prior-scale", "2.5", "--steps", "2", "--seed", "3"],
+                             prior_guidance_scale=2.5, steps=2, seed=3)
     assert "Prior steps: 25, Prior scale: 2.5" in png.text["parameters"]
